@@ -1,0 +1,79 @@
+"""Backend choice shared by every op.
+
+`"auto"` takes the fastest implementation the op has for the input's device: CUDA or Triton kernels on a
+GPU, the PyTorch reference elsewhere. Forcing an implementation the op or the machine lacks is an error,
+never a silent fallback.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cuda_extension_available() -> bool:
+    try:
+        from based import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(
+    op: str,
+    backend: str,
+    device: torch.device,
+    implementations: Mapping[str, Callable],
+    auto_order: tuple[str, ...] = ("cuda", "triton"),
+) -> Callable:
+    """Return the implementation of `op` that `backend` names.
+
+    `implementations` maps backend names to callables; "torch" must be among them. With "auto", the
+    first of `auto_order` that the op implements and the machine supports is used on a CUDA device, and
+    "torch" everywhere else.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda":
+            for name in auto_order:
+                if name in implementations and _supported(name, device):
+                    return implementations[name]
+        return implementations["torch"]
+    if backend not in implementations:
+        have = ", ".join(sorted(implementations))
+        raise ValueError(f"{op} has no {backend!r} backend (available: {have})")
+    if not _supported(backend, device):
+        raise ValueError(f"{op}: backend {backend!r} cannot run on {device}: {_why_unsupported(backend)}")
+    return implementations[backend]
+
+
+def _supported(backend: str, device: torch.device) -> bool:
+    if backend == "torch":
+        return True
+    if backend == "triton":
+        # The Triton interpreter (TRITON_INTERPRET=1) runs kernels on CPU tensors; tests use it.
+        import os
+
+        return triton_available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    if backend == "cuda":
+        return device.type == "cuda" and cuda_extension_available()
+    return False
+
+
+def _why_unsupported(backend: str) -> str:
+    if backend == "triton":
+        if not triton_available():
+            return "triton is not installed"
+        return "Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for the interpreter)"
+    return "the CUDA extension based._C is not built (pip install on a machine with nvcc and CUDA torch) or the tensor is not on a GPU"

@@ -1,0 +1,49 @@
+"""Input checks shared by every op: each raises ValueError/TypeError naming the argument and what it saw."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+# float64 is accepted by the PyTorch reference path (tests compare against it); kernels take the other three.
+REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_tensor(name: str, x, *, ndim: int, dtypes: Sequence[torch.dtype] = REFERENCE_DTYPES) -> None:
+    """`x` must be a tensor of rank `ndim` with one of `dtypes`."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if x.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {str(x.dtype).replace('torch.', '')}; supported: {allowed}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    """All tensors live on one device."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        seen = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"all inputs must be on one device, got {seen}")
+
+
+def check_dims_match(what: str, **dims: int) -> None:
+    """Sizes that must agree (e.g. batch of q, k, v); the message lists each argument's size."""
+    if len(set(dims.values())) > 1:
+        seen = ", ".join(f"{name}={size}" for name, size in dims.items())
+        raise ValueError(f"{what} must match, got {seen}")
+
+
+def check_shape(name: str, x: torch.Tensor, expected: Sequence[int]) -> None:
+    """`x` must have exactly the shape `expected`."""
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(x.shape)}")
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
