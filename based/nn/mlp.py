@@ -1,0 +1,23 @@
+"""The SwiGLU MLP of Based and Transformer++ blocks."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GatedMlp(nn.Module):
+    """`fc2(value * silu(gate))` with `value, gate = fc1(x).chunk(2)`, no biases.
+
+    fc1 is `[2 * hidden_dim, d_model]`: the first half of its rows makes the value, the second half the
+    gate, the order of the released checkpoints (flash-attn's GatedMlp).
+    """
+
+    def __init__(self, d_model: int, hidden_dim: int, *, device=None, dtype=None):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, 2 * hidden_dim, bias=False, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden_dim, d_model, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(value * F.silu(gate))
