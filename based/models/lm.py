@@ -1,0 +1,176 @@
+"""The language-model skeleton both models share: embeddings, pre-norm blocks, final norm, tied LM head.
+
+`BasedLM` and `Transformer` differ only in the mixer each block gets (`build_mixer`); the forward pass,
+the decode cache, generation and checkpoint I/O live here once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from based.generation import check_input_ids, generate
+from based.models.checkpoint import load_pretrained, save_pretrained
+from based.nn import Block, GatedMlp, RMSNorm
+
+
+@dataclass
+class ModelCache:
+    """Preallocated decode state of a whole model, from `model.new_cache(batch_size, max_seqlen)`.
+
+    layers:     one cache per layer (whatever that layer's mixer keeps), advanced in place.
+    position:   0-dim int64 tensor on the model's device: how many tokens have been consumed. Kept on
+                the device and advanced in place so a decode step can be captured in a CUDA graph.
+    max_seqlen: the most tokens this cache may consume (the Transformer's KV cache is that long).
+    """
+
+    layers: list
+    position: torch.Tensor
+    max_seqlen: int
+    batch_size: int
+
+
+class TokenEmbeddings(nn.Module):
+    """Holds `word_embeddings`, the name the released checkpoints use."""
+
+    def __init__(self, vocab_size: int, d_model: int, *, device=None, dtype=None):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, d_model, device=device, dtype=dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(input_ids)
+
+
+class Backbone(nn.Module):
+    """`embeddings`, `layers`, `ln_f`: everything but the LM head."""
+
+    def __init__(self, embeddings: TokenEmbeddings, layers: list[Block], ln_f: RMSNorm):
+        super().__init__()
+        self.embeddings = embeddings
+        self.layers = nn.ModuleList(layers)
+        self.ln_f = ln_f
+
+
+class CausalLM(nn.Module):
+    """Base class of `BasedLM` and `Transformer`. Subclasses set `config_class` and `build_mixer`.
+
+    Calling convention (both models):
+      `model(input_ids)` -> logits `[B, T, padded_vocab_size]`;
+      `cache = model.new_cache(batch_size, max_seqlen)`; `model(input_ids, cache=cache)` consumes the
+      tokens (a prompt chunk of any length, or one token per decode step), advances the cache in place
+      and returns the logits the parallel forward gives at those positions;
+      `model.generate(input_ids, max_new_tokens, ...)`, see `based.generation.generate`.
+    Decode under `torch.no_grad()` / `torch.inference_mode()`: the caches are updated in place.
+    """
+
+    config_class: type
+
+    def __init__(self, config, *, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        placement = dict(device=device, dtype=dtype)
+        layers = [
+            Block(config.d_model, self.build_mixer(i, **placement), GatedMlp(config.d_model, config.mlp_hidden, **placement),
+                  norm_eps=config.norm_eps, **placement)
+            for i in range(config.n_layers)
+        ]
+        self.transformer = Backbone(TokenEmbeddings(config.padded_vocab_size, config.d_model, **placement), layers,
+                                    RMSNorm(config.d_model, config.norm_eps, **placement))
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, **placement)
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def build_mixer(self, layer_idx: int, *, device=None, dtype=None) -> nn.Module:
+        raise NotImplementedError
+
+    def tie_weights(self) -> None:
+        """Share the LM head's weight with the token embeddings (when the config ties them)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.transformer.embeddings.word_embeddings.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2 initialisation: N(0, 0.02) weights, zero biases, and the projections that write into the
+        # residual stream scaled by 1/sqrt(2 * n_layers) so its variance does not grow with depth.
+        std = 0.02
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        for name in ("out_proj", "fc2"):
+            projection = getattr(module, name, None)
+            if isinstance(projection, nn.Linear):
+                nn.init.normal_(projection.weight, std=std / math.sqrt(2 * self.config.n_layers))
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def new_cache(self, batch_size: int, max_seqlen: int) -> ModelCache:
+        """Empty decode caches for `batch_size` sequences of up to `max_seqlen` tokens (prompt included),
+        on the model's device and in its dtype (recurrent states in fp32)."""
+        for name, value in (("batch_size", batch_size), ("max_seqlen", max_seqlen)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        layers = [layer.new_cache(batch_size, max_seqlen, device=self.device, dtype=self.dtype)
+                  for layer in self.transformer.layers]
+        position = torch.zeros((), dtype=torch.int64, device=self.device)
+        return ModelCache(layers, position, max_seqlen, batch_size)
+
+    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
+        """Logits `[B, T, padded_vocab_size]` for `input_ids` `[B, T]` (int64).
+
+        With `cache`, the tokens continue the sequence the cache has consumed. A chunk of T > 1 tokens is
+        checked against `cache.max_seqlen` (a host read of the position); a single token is not, so the
+        decode step never syncs with the device: `generate` checks the total length up front.
+        """
+        check_input_ids(input_ids, self.device)
+        B, T = input_ids.shape
+        if cache is not None:
+            self._check_cache(cache, B, T)
+        layer_caches = cache.layers if cache is not None else [None] * len(self.transformer.layers)
+        residual = self.transformer.embeddings(input_ids)
+        for layer, layer_cache in zip(self.transformer.layers, layer_caches):
+            residual = layer(residual, layer_cache)
+        logits = self.lm_head(self.transformer.ln_f(residual))
+        if cache is not None:
+            cache.position.add_(T)
+        return logits
+
+    def _check_cache(self, cache: ModelCache, batch_size: int, seqlen: int) -> None:
+        if not isinstance(cache, ModelCache):
+            raise TypeError(f"cache must be a ModelCache from model.new_cache, got {type(cache).__name__}")
+        if len(cache.layers) != len(self.transformer.layers):
+            raise ValueError(f"cache has {len(cache.layers)} layers, the model {len(self.transformer.layers)}")
+        if cache.batch_size != batch_size:
+            raise ValueError(f"cache holds batch size {cache.batch_size} but input_ids has batch size {batch_size}")
+        if seqlen > 1:
+            consumed = int(cache.position)
+            if consumed + seqlen > cache.max_seqlen:
+                raise ValueError(f"cache holds {consumed} of max_seqlen {cache.max_seqlen} tokens; "
+                                 f"{seqlen} more do not fit")
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, cuda_graph: bool | None = None,
+                 progress: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`[B, T + max_new_tokens]`: the prompt followed by generated tokens; see `based.generation.generate`."""
+        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        cuda_graph=cuda_graph, progress=progress, generator=generator)
+
+    @classmethod
+    def from_pretrained(cls, path, *, device=None, dtype: torch.dtype | None = None):
+        """Load a local checkpoint directory; see `based.models.checkpoint.load_pretrained`."""
+        return load_pretrained(cls, path, device=device, dtype=dtype)
+
+    def save_pretrained(self, path, *, safe_serialization: bool = True) -> None:
+        """Write `config.json` and the weights; see `based.models.checkpoint.save_pretrained`."""
+        save_pretrained(self, path, safe_serialization=safe_serialization)

@@ -1,0 +1,155 @@
+"""`Transformer`: the Transformer++ baseline (RoPE, SwiGLU, RMSNorm) with a static KV cache.
+
+Attention runs through FlashAttention-2 (`flash_attn`) when it is installed and the input is fp16/bf16
+on a GPU, else through PyTorch's `scaled_dot_product_attention`, which picks its own flash kernel
+where it can. `attention_backend_name(device, dtype)` says which one a model will use, so benchmark
+tables can name the baseline they measured.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from based.models.config import TransformerConfig
+from based.models.lm import CausalLM
+from based.nn._validate import check_cache_batch, check_cache_type, check_hidden_states, parameter_placement
+from based.nn.rotary import apply_rotary, token_positions
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _flash_attn():
+    """The `flash_attn` module, or None when it is not installed."""
+    try:
+        import flash_attn
+    except ImportError:
+        return None
+    return flash_attn
+
+
+def attention_backend_name(device, dtype: torch.dtype) -> str:
+    """The attention kernel `Transformer` runs for tensors of this device and dtype.
+
+    "flash_attn": FlashAttention-2 from the `flash_attn` package (prefill and decode);
+    "SDPA-flash": PyTorch SDPA's flash kernel (the decode step, which needs a mask over the static
+                  cache, runs SDPA's memory-efficient kernel);
+    "math":       anything else (CPU, fp32, or a GPU without SDPA's flash kernel).
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or dtype not in HALF_DTYPES:
+        return "math"
+    if _flash_attn() is not None:
+        return "flash_attn"
+    if torch.backends.cuda.flash_sdp_enabled() and torch.cuda.get_device_capability(device)[0] >= 8:
+        return "SDPA-flash"
+    return "math"
+
+
+class KVCache(NamedTuple):
+    """Static keys and values of one attention layer.
+
+    k, v:     `[B, max_seqlen, H, D]` in the model's dtype, position p in row p.
+    position: 0-dim int64 tensor on the device, the position of the next token (advanced in place).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    position: torch.Tensor
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention with RoPE on the full head dim; `Wqkv` (q | k | v) and `out_proj`, no biases."""
+
+    def __init__(self, d_model: int, *, num_heads: int, rotary_base: float = 10000.0, device=None, dtype=None):
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"d_model ({d_model}) must be a multiple of num_heads ({num_heads})")
+        self.d_model, self.num_heads, self.rotary_base = d_model, num_heads, rotary_base
+        self.head_dim = d_model // num_heads
+        self.Wqkv = nn.Linear(d_model, 3 * d_model, bias=False, device=device, dtype=dtype)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False, device=device, dtype=dtype)
+
+    def new_cache(self, batch_size: int, max_seqlen: int, *, device=None, dtype=None) -> KVCache:
+        device, dtype = parameter_placement(self, device, dtype)
+        shape = (batch_size, max_seqlen, self.num_heads, self.head_dim)
+        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                       torch.zeros((), dtype=torch.int64, device=device))
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """`x` `[B, T, d_model]` -> `[B, T, d_model]`; with `cache`, continue from it and advance it."""
+        check_hidden_states(x, self.d_model)
+        B, T, _ = x.shape
+        if cache is not None:
+            check_cache_type(cache, KVCache, "CausalSelfAttention")
+            check_cache_batch(cache.k.shape[0], x)
+        positions = token_positions(T, None if cache is None else cache.position, x.device)
+        q, k, v = self.Wqkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
+        q, k = apply_rotary(q, positions, self.rotary_base), apply_rotary(k, positions, self.rotary_base)
+        if cache is None:
+            o = causal_attention(q, k, v)
+        else:
+            o = cached_attention(q, k.to(cache.k.dtype), v.to(cache.v.dtype), cache)
+            cache.position.add_(T)
+        return self.out_proj(o.reshape(B, T, self.d_model))
+
+
+def _use_flash_attn(q: torch.Tensor) -> bool:
+    return attention_backend_name(q.device, q.dtype) == "flash_attn"
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of q `[B, Tq, H, D]` over k, v `[B, Tk, H, D]`, Tq <= Tk, causal with the
+    queries aligned to the last keys (query i sits at key position i + Tk - Tq)."""
+    if _use_flash_attn(q):
+        return _flash_attn().flash_attn_func(q, k, v, causal=True)
+    Tq, Tk = q.shape[1], k.shape[1]
+    # SDPA's is_causal aligns the top-left corner; a chunk after cached keys needs an explicit mask.
+    mask = None if Tq == Tk else torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask, is_causal=mask is None)
+    return o.transpose(1, 2)
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Write the new k, v at `cache.position ..` and attend q over everything cached up to them."""
+    B, T = q.shape[:2]
+    if _use_flash_attn(q):
+        # Appends k, v at cache_seqlens in place and attends causally, bottom-right aligned; reads the
+        # position on the device only, so it is graph-capturable for any T.
+        seqlens = cache.position.to(torch.int32).expand(B).contiguous()
+        return _flash_attn().flash_attn_with_kvcache(q, cache.k, cache.v, k=k, v=v, cache_seqlens=seqlens,
+                                                     causal=True)
+    if T == 1:
+        # Decode step: write row `position` and attend over the whole static cache with the rows not yet
+        # written masked out. No host read of the position, so the step can be captured in a CUDA graph.
+        cache.k.index_copy_(1, cache.position.view(1), k)
+        cache.v.index_copy_(1, cache.position.view(1), v)
+        visible = (torch.arange(cache.k.shape[1], device=q.device) <= cache.position).view(1, 1, 1, -1)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k.transpose(1, 2), cache.v.transpose(1, 2),
+                                           attn_mask=visible)
+        return o.transpose(1, 2)
+    start = int(cache.position)
+    if start + T > cache.k.shape[1]:
+        raise ValueError(f"KV cache holds {start} of {cache.k.shape[1]} positions; {T} more do not fit")
+    cache.k[:, start:start + T] = k
+    cache.v[:, start:start + T] = v
+    return causal_attention(q, cache.k[:, :start + T], cache.v[:, :start + T])
+
+
+class Transformer(CausalLM):
+    """Transformer++ (`TransformerConfig`); see `CausalLM` for the calling convention.
+
+    Same skeleton and state-dict layout as `BasedLM`, with `CausalSelfAttention` (`mixer.Wqkv`,
+    `mixer.out_proj`) in every layer. Decoding keeps a static KV cache of `max_seqlen` positions.
+    """
+
+    config_class = TransformerConfig
+
+    def build_mixer(self, layer_idx: int, *, device=None, dtype=None) -> nn.Module:
+        return CausalSelfAttention(self.config.d_model, num_heads=self.config.n_heads,
+                                   rotary_base=self.config.rotary_base, device=device, dtype=dtype)
