@@ -1,0 +1,146 @@
+"""Checkpoints: the released Based format (GPT-2-style config.json, `model.`-prefixed weights with
+`metrics` entries) and save_pretrained / from_pretrained round trips."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from based.models import BasedConfig, BasedLM, Transformer, TransformerConfig
+
+VOCAB = 100
+SAVED_CONFIG = BasedConfig(d_model=64, n_layers=6, n_heads=4, vocab_size=VOCAB, mlp_hidden_dim=128,
+                           linear_attention_layers=(1, 4), sliding_window_layers=(2, 5), feature_dim=8, window=5)
+RELEASED_CONFIG = {
+    "_name_or_path": "based-tiny", "architectures": ["GPTLMHeadModel"], "model_type": "gpt2",
+    "n_embd": 64, "n_layer": 6, "n_head": 4, "n_inner": 128, "n_positions": 0,
+    "vocab_size": VOCAB, "pad_vocab_size_multiple": 8, "rms_norm": True, "residual_in_fp32": True,
+    "activation_function": "swiglu", "rotary_emb_fraction": 1, "layer_norm_epsilon": 1e-5,
+    "fused_dropout_add_ln": True, "use_flash_attn": True, "mlp_fc1_bias": False, "mlp_fc2_bias": False,
+    "mixer": {"_target_": "based.models.mixers.convolution.BaseConv", "expand_proj": 4, "kernel_sizes": 3,
+              "l_max": 2048, "use_bias": True},
+    "alt_mixer": {"_target_": "based.models.mixers.linear_attention.LinearAttention", "feature_dim": 8,
+                  "feature_name": "taylor_exp", "num_heads": 4, "num_key_value_heads": 4, "l_max": 2048,
+                  "train_view": "linear"},
+    "alt_mixer_layers": [1, 4],
+    "alt_mixer_2": {"_target_": "based.models.mixers.slide_attention.SlidingAttention", "window_size": 8,
+                    "num_heads": 4, "causal": True},
+    "alt_mixer_2_layers": [2, 5],
+}
+
+
+def random_model(model_class=BasedLM, config=SAVED_CONFIG):
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    with torch.no_grad():  # norms and biases too, so a weight loaded into the wrong slot shows up
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def write_released_checkpoint(path, model, *, config=RELEASED_CONFIG, safetensors=False, drop=(), extra=None):
+    """The released layout: `model.`-prefixed keys (lm_head included), a metrics entry, a rotary buffer."""
+    path.mkdir(exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    state = {f"model.{k}": v.clone() for k, v in model.state_dict().items() if k not in drop}
+    state["metrics.train/loss"] = torch.tensor(2.5)
+    state["model.transformer.layers.2.mixer.rotary_emb.inv_freq"] = torch.ones(8)
+    state.update(extra or {})
+    if safetensors:
+        from safetensors.torch import save_file
+
+        save_file(state, str(path / "model.safetensors"))
+    else:
+        torch.save(state, path / "pytorch_model.bin")
+
+
+def assert_same_logits(loaded, model):
+    input_ids = torch.randint(0, VOCAB, (2, 13))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids), model(input_ids))
+
+
+@pytest.mark.parametrize("use_safetensors", [False, True])
+def test_loads_the_released_format(tmp_path, use_safetensors):
+    if use_safetensors:
+        pytest.importorskip("safetensors")
+    model = random_model()
+    write_released_checkpoint(tmp_path, model, safetensors=use_safetensors)
+    loaded = BasedLM.from_pretrained(tmp_path)
+    assert loaded.config == SAVED_CONFIG
+    assert not loaded.training
+    assert loaded.lm_head.weight is loaded.transformer.embeddings.word_embeddings.weight
+    assert_same_logits(loaded, model)
+
+
+def test_released_checkpoint_without_lm_head_and_in_bfloat16(tmp_path):
+    model = random_model()
+    write_released_checkpoint(tmp_path, model, drop=("lm_head.weight",))
+    loaded = BasedLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("safe_serialization", [False, True])
+@pytest.mark.parametrize("model_class, config", [
+    (BasedLM, SAVED_CONFIG),
+    (Transformer, TransformerConfig(d_model=64, n_layers=3, n_heads=4, vocab_size=VOCAB)),
+])
+def test_save_pretrained_round_trip(tmp_path, model_class, config, safe_serialization):
+    if safe_serialization:
+        pytest.importorskip("safetensors")
+    model = random_model(model_class, config)
+    model.save_pretrained(tmp_path, safe_serialization=safe_serialization)
+    assert (tmp_path / ("model.safetensors" if safe_serialization else "pytorch_model.bin")).is_file()
+    loaded = model_class.from_pretrained(tmp_path)
+    assert loaded.config == config
+    assert loaded.lm_head.weight is loaded.transformer.embeddings.word_embeddings.weight
+    assert_same_logits(loaded, model)
+
+
+def test_untied_round_trip(tmp_path):
+    model = random_model(BasedLM, dataclasses.replace(SAVED_CONFIG, tie_embeddings=False))
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    loaded = BasedLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is not loaded.transformer.embeddings.word_embeddings.weight
+    assert_same_logits(loaded, model)
+
+
+def test_key_mismatches_raise(tmp_path):
+    model = random_model()
+    write_released_checkpoint(tmp_path / "missing", model, drop=("transformer.layers.3.mixer.in_proj.bias",))
+    with pytest.raises(ValueError, match=r"missing keys \(1\): transformer.layers.3.mixer.in_proj.bias"):
+        BasedLM.from_pretrained(tmp_path / "missing")
+    write_released_checkpoint(tmp_path / "unexpected", model, extra={"model.transformer.extra.weight": torch.ones(1)})
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\): transformer.extra.weight"):
+        BasedLM.from_pretrained(tmp_path / "unexpected")
+    write_released_checkpoint(tmp_path / "shapes", model, config={**RELEASED_CONFIG, "n_inner": 96})
+    with pytest.raises(ValueError, match=r"mlp.fc1.weight: checkpoint \(256, 64\), model \(192, 64\)"):
+        BasedLM.from_pretrained(tmp_path / "shapes")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"activation_function": "gelu_new"}, "swiglu"),
+    ({"rms_norm": False}, "rms_norm"),
+    ({"rotary_emb_fraction": 0.5}, "rotary_emb_fraction"),
+    ({"alt_mixer": {**RELEASED_CONFIG["alt_mixer"], "_target_": "based.models.mixers.mamba.Mamba"}}, "LinearAttention"),
+    ({"alt_mixer": {**RELEASED_CONFIG["alt_mixer"], "feature_name": "performer"}}, "taylor_exp"),
+    ({"alt_mixer_2": {**RELEASED_CONFIG["alt_mixer_2"], "num_heads": 8}}, "num_heads"),
+    ({"mixer": {**RELEASED_CONFIG["mixer"], "use_bias": False}}, "use_bias"),
+])
+def test_unsupported_released_configs_raise(tmp_path, change, message):
+    write_released_checkpoint(tmp_path, random_model(), config={**RELEASED_CONFIG, **change})
+    with pytest.raises(ValueError, match=message):
+        BasedLM.from_pretrained(tmp_path)
+
+
+def test_missing_files_and_wrong_model_class(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        BasedLM.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        BasedLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(RELEASED_CONFIG))
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
+        BasedLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="Transformer"):
+        Transformer.from_pretrained(tmp_path)

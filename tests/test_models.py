@@ -1,0 +1,193 @@
+"""BasedLM and Transformer: preset architectures, configs, and cached decoding against the parallel forward."""
+import dataclasses
+
+import pytest
+import torch
+
+from based.models import (BasedConfig, BasedLM, ModelCache, Transformer, TransformerConfig,
+                          attention_backend_name)
+from tests.helpers import assert_close
+
+VOCAB = 100
+TINY_BASED = BasedConfig(d_model=64, n_layers=6, n_heads=4, vocab_size=VOCAB, linear_attention_layers=(1, 4),
+                         sliding_window_layers=(2, 5), feature_dim=8, window=5)
+TINY_TRANSFORMER = TransformerConfig(d_model=64, n_layers=4, n_heads=4, vocab_size=VOCAB)
+TINY = {"based": (BasedLM, TINY_BASED), "transformer": (Transformer, TINY_TRANSFORMER)}
+CHUNKINGS = {
+    "one token at a time": [1] * 23,
+    "uneven chunks": [4, 1, 1, 9, 1, 7],
+    "prompt then tokens": [15] + [1] * 8,
+}
+
+
+def tiny_model(kind: str, **overrides):
+    model_class, config = TINY[kind]
+    torch.manual_seed(0)
+    return model_class(dataclasses.replace(config, **overrides)).eval()
+
+
+# ---- the released architectures -------------------------------------------------------------------
+
+def expected_based_shapes(d: int, n_layers: int, linear_layers, window_layers) -> dict[str, tuple]:
+    """The state dict DESIGN.md lists, written out independently of the model code."""
+    vocab, heads, feature_dim, d_inner = 50264, 16, 16, 2 * d
+    shapes = {"transformer.embeddings.word_embeddings.weight": (vocab, d), "transformer.ln_f.weight": (d,),
+              "lm_head.weight": (vocab, d)}
+    for i in range(n_layers):
+        p = f"transformer.layers.{i}."
+        shapes.update({p + "norm1.weight": (d,), p + "norm2.weight": (d,),
+                       p + "mlp.fc1.weight": (4 * d, d), p + "mlp.fc2.weight": (d, 2 * d)})
+        if i in linear_layers:
+            shapes.update({p + "mixer.proj_q.weight": (heads * feature_dim, d),
+                           p + "mixer.proj_k.weight": (heads * feature_dim, d),
+                           p + "mixer.proj_v.weight": (d, d), p + "mixer.out_proj.weight": (d, d)})
+        elif i in window_layers:
+            shapes.update({p + "mixer.Wqkv.weight": (3 * d, d), p + "mixer.out_proj.weight": (d, d)})
+        else:
+            shapes.update({p + "mixer.in_proj.weight": (2 * d_inner, d), p + "mixer.in_proj.bias": (2 * d_inner,),
+                           p + "mixer.conv.conv.weight": (d_inner, 1, 3),
+                           p + "mixer.out_proj.weight": (d, d_inner), p + "mixer.out_proj.bias": (d,)})
+    return shapes
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied weights counted once
+
+
+PRESETS = {
+    "based-360m": (1024, 27, (1, 6, 11, 16, 21), (2, 7, 12, 17, 22), 362e6),
+    "based-1.3b": (1792, 36, (1, 6, 11, 16, 21, 27, 33), (2, 7, 12, 17, 22, 28, 34), 1.35e9),
+}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_based_presets_on_meta_device(preset):
+    d, n_layers, linear_layers, window_layers, params = PRESETS[preset]
+    with torch.device("meta"):
+        model = BasedLM(BasedConfig.from_preset(preset))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == expected_based_shapes(d, n_layers, linear_layers, window_layers)
+    assert model.lm_head.weight is model.transformer.embeddings.word_embeddings.weight
+    assert abs(parameter_count(model) / params - 1) < 0.02, parameter_count(model)
+    config = model.config
+    assert (config.window, config.n_heads, config.head_dim, config.padded_vocab_size) == (129, 16, d // 16, 50264)
+
+
+@pytest.mark.parametrize("size", ["360m", "1.3b"])
+def test_transformer_presets_match_based_parameter_counts(size):
+    with torch.device("meta"):
+        based = BasedLM(BasedConfig.from_preset(f"based-{size}"))
+        transformer = Transformer(TransformerConfig.from_preset(f"transformer-{size}"))
+    assert abs(parameter_count(transformer) / parameter_count(based) - 1) < 0.05
+    assert abs(parameter_count(transformer) / PRESETS[f"based-{size}"][-1] - 1) < 0.05
+    keys = transformer.state_dict().keys()
+    assert "transformer.layers.0.mixer.Wqkv.weight" in keys and "lm_head.weight" in keys
+    assert transformer.config.mlp_hidden == {"360m": 2816, "1.3b": 5632}[size]
+
+
+# ---- configs ------------------------------------------------------------------------------------------
+
+def test_config_overrides_and_validation():
+    config = BasedConfig.from_preset("based-1.3b", n_layers=40, window=17)
+    assert (config.d_model, config.n_layers, config.window, config.mlp_hidden) == (1792, 40, 17, 3584)
+    assert dataclasses.replace(config, d_model=256).mlp_hidden == 512
+    assert BasedConfig() == BasedConfig.from_preset("based-360m")
+    assert TransformerConfig() == TransformerConfig.from_preset("transformer-360m")
+    assert BasedConfig.from_dict(config.to_dict()) == config
+    assert [TINY_BASED.layer_kind(i) for i in range(3)] == ["base_conv", "linear_attention", "sliding_window"]
+    with pytest.raises(ValueError, match="unknown BasedConfig preset"):
+        BasedConfig.from_preset("based-7b")
+    with pytest.raises(ValueError, match="in both"):
+        dataclasses.replace(TINY_BASED, sliding_window_layers=(1, 2))
+    with pytest.raises(ValueError, match=r"linear_attention_layers must hold distinct layer indices in \[0, 6\)"):
+        dataclasses.replace(TINY_BASED, linear_attention_layers=(6,))
+    with pytest.raises(ValueError, match="multiple of n_heads"):
+        dataclasses.replace(TINY_TRANSFORMER, n_heads=5)
+    with pytest.raises(ValueError, match="window"):
+        dataclasses.replace(TINY_BASED, window=0)
+    with pytest.raises(ValueError, match="model_type"):
+        TransformerConfig.from_dict(TINY_BASED.to_dict())
+
+
+# ---- decoding equals the parallel forward -------------------------------------------------------------
+
+@pytest.mark.parametrize("chunking", CHUNKINGS)
+@pytest.mark.parametrize("kind", TINY)
+@torch.no_grad()
+def test_cached_decoding_matches_parallel_forward(kind, chunking):
+    model = tiny_model(kind)
+    input_ids = torch.randint(0, VOCAB, (3, 23))
+    expected = model(input_ids)
+    assert expected.shape == (3, 23, 104)  # vocab padded to a multiple of 8
+    cache = model.new_cache(3, 30)
+    logits, start = [], 0
+    for length in CHUNKINGS[chunking]:
+        logits.append(model(input_ids[:, start:start + length], cache=cache))
+        start += length
+    assert int(cache.position) == 23
+    assert_close(torch.cat(logits, dim=1), expected, torch.float32, f"{kind}, {chunking}")
+
+
+@torch.no_grad()
+def test_based_model_of_only_base_conv_layers_and_wide_window():
+    for overrides in (dict(linear_attention_layers=(), sliding_window_layers=()), dict(window=1000)):
+        model = tiny_model("based", **overrides)
+        input_ids = torch.randint(0, VOCAB, (2, 12))
+        cache = model.new_cache(2, 12)
+        decoded = torch.cat([model(input_ids[:, :5], cache=cache)] + [model(input_ids[:, t:t + 1], cache=cache)
+                                                                      for t in range(5, 12)], dim=1)
+        assert_close(decoded, model(input_ids), torch.float32, str(overrides))
+
+
+@pytest.mark.parametrize("kind", TINY)
+@torch.no_grad()
+def test_bfloat16_model_and_caches(kind):
+    model = tiny_model(kind).to(torch.bfloat16)
+    cache = model.new_cache(2, 8)
+    assert cache.position.dtype == torch.int64 and cache.position.shape == ()
+    logits = model(torch.randint(0, VOCAB, (2, 8)), cache=cache)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    if kind == "based":
+        assert cache.layers[1].kv.dtype == torch.float32, "linear-attention state stays fp32"
+    else:
+        assert cache.layers[0].k.shape == (2, 8, 4, 16) and cache.layers[0].k.dtype == torch.bfloat16
+
+
+def test_attention_backend_name_on_cpu():
+    assert attention_backend_name("cpu", torch.bfloat16) == "math"
+    assert attention_backend_name(torch.device("cpu"), torch.float32) == "math"
+
+
+# ---- bad inputs ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", TINY)
+def test_bad_inputs(kind):
+    model = tiny_model(kind)
+    with pytest.raises(TypeError, match="int64"):
+        model(torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        model([[1, 2, 3]])
+    with pytest.raises(ValueError, match=r"shape \[batch >= 1, seqlen >= 1\]"):
+        model(torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"shape \[batch >= 1, seqlen >= 1\]"):
+        model(torch.zeros(2, 0, dtype=torch.int64))
+    with pytest.raises(ValueError, match="model is on cpu"):
+        model(torch.zeros(2, 3, dtype=torch.int64, device="meta"))
+    with pytest.raises(TypeError, match="ModelCache"):
+        model(torch.zeros(2, 3, dtype=torch.int64), cache=object())
+    with pytest.raises(ValueError, match="batch size 4"):
+        model(torch.zeros(2, 3, dtype=torch.int64), cache=model.new_cache(4, 10))
+    cache = model.new_cache(2, 10)
+    model(torch.zeros(2, 8, dtype=torch.int64), cache=cache)
+    with pytest.raises(ValueError, match="max_seqlen 10"):
+        model(torch.zeros(2, 3, dtype=torch.int64), cache=cache)
+    with pytest.raises(ValueError, match="max_seqlen must be >= 1"):
+        model.new_cache(2, 0)
+    with pytest.raises(TypeError, match="batch_size must be an int"):
+        model.new_cache(2.0, 5)
+    assert isinstance(cache, ModelCache)
+
+
+def test_model_needs_its_own_config_class():
+    with pytest.raises(TypeError, match="BasedConfig"):
+        BasedLM(TINY_TRANSFORMER)
