@@ -1,0 +1,104 @@
+"""What every benchmark script shares: the environment banner, timing, dtype parsing, result files."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """Where the numbers come from: always printed with them, and stored with the results."""
+    from based.ops._backend import cuda_extension_available, triton_available
+
+    env = {"python": platform.python_version(), "torch": torch.__version__}
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        env["device"] = f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+        env["cuda"] = str(torch.version.cuda)
+    else:
+        env["device"] = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    if triton_available():
+        import triton
+
+        env["triton"] = triton.__version__
+    env["based._C"] = "built" if cuda_extension_available() else "not built"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        env["TRITON_INTERPRET"] = "1"
+    return env
+
+
+def banner(env: dict[str, str]) -> str:
+    return " | ".join(f"{key} {value}" for key, value in env.items())
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` runs after `warmup` untimed ones.
+
+    Wall time around a device synchronisation, not CUDA events: end-to-end generation includes host work
+    (sampling, the Python loop) that a user waits for too.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def write_results(path: str, rows: list[dict], env: dict[str, str]) -> None:
+    """`rows` (dicts with the same keys) to `path`: JSON with the environment, or CSV; see `check_out_path`."""
+    if Path(path).suffix.lower() == ".json":
+        Path(path).write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def check_out_path(path: str | None) -> None:
+    """Fail before a long run, not after it, when the result file cannot be written."""
+    if path is not None and Path(path).suffix.lower() not in (".json", ".csv"):
+        raise SystemExit(f"--out must end in .json or .csv, got {path!r}")
+
+
+def format_table(rows: list[dict], columns: list[str]) -> list[str]:
+    """Rows as aligned text lines (header, rule, rows)."""
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    line = lambda values: "  ".join(v.rjust(w) for v, w in zip(values, widths))  # noqa: E731
+    return [line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells]
+
+
+def attention_kernel(device: torch.device, dtype: torch.dtype) -> str:
+    """The attention kernel the Transformer++ baseline runs here: flash_attn, SDPA-flash or math."""
+    from based.models.transformer import attention_backend_name
+
+    return attention_backend_name(device, dtype)

@@ -1,0 +1,35 @@
+"""The benchmark scripts run end to end (tiny sizes) and write what they promise."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    # The checkout's `based` first, as the tests import it; the scripts import their helpers by path.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_gen_throughput_writes_both_models(tmp_path):
+    out = tmp_path / "gen.json"
+    result = run_script("gen_throughput.py", "--device", "cpu", "--batch-sizes", "1", "2", "--prompt-len", "5",
+                        "--gen-len", "3", "--warmup", "0", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())
+    assert "device" in results["environment"]
+    rows = results["results"]
+    assert [(r["model"], r["batch"]) for r in rows] == [("Transformer++", 1), ("Based", 1), ("Transformer++", 2),
+                                                        ("Based", 2)]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert all(r["attention"] == "math" for r in rows if r["model"] == "Transformer++")
+    assert all(r["based_over_transformer"] > 0 for r in rows if r["model"] == "Based")
+
+
+def test_gen_throughput_rejects_bad_output_path_before_running():
+    result = run_script("gen_throughput.py", "--out", "results.txt")
+    assert result.returncode != 0 and ".json or .csv" in result.stderr
