@@ -175,7 +175,8 @@ def test_parameter_names_and_shapes_are_the_released_ones():
     assert shapes(LinearAttention(D_MODEL, num_heads=HEADS, feature_dim=16)) == {
         "proj_q.weight": (64, 64), "proj_k.weight": (64, 64), "proj_v.weight": (64, 64), "out_proj.weight": (64, 64)}
     assert shapes(LinearAttention(128, num_heads=4, feature_dim=16))["proj_q.weight"] == (64, 128)
-    assert shapes(SlidingWindowAttention(D_MODEL, num_heads=HEADS)) == {"Wqkv.weight": (192, 64), "out_proj.weight": (64, 64)}
+    assert shapes(SlidingWindowAttention(D_MODEL, num_heads=HEADS)) == {"Wqkv.weight": (192, 64),
+                                                                        "out_proj.weight": (64, 64)}
     assert shapes(BaseConv(D_MODEL, expand_proj=4)) == {
         "in_proj.weight": (256, 64), "in_proj.bias": (256,), "conv.conv.weight": (128, 1, 3),
         "out_proj.weight": (64, 128), "out_proj.bias": (64,)}

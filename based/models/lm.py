@@ -24,6 +24,7 @@ class ModelCache:
     position:   0-dim int64 tensor on the model's device: how many tokens have been consumed. Kept on
                 the device and advanced in place so a decode step can be captured in a CUDA graph.
     max_seqlen: the most tokens this cache may consume (the Transformer's KV cache is that long).
+    batch_size: the number of sequences it holds.
     """
 
     layers: list
@@ -74,8 +75,8 @@ class CausalLM(nn.Module):
         self.config = config
         placement = dict(device=device, dtype=dtype)
         layers = [
-            Block(config.d_model, self.build_mixer(i, **placement), GatedMlp(config.d_model, config.mlp_hidden, **placement),
-                  norm_eps=config.norm_eps, **placement)
+            Block(config.d_model, self.build_mixer(i, **placement),
+                  GatedMlp(config.d_model, config.mlp_hidden, **placement), norm_eps=config.norm_eps, **placement)
             for i in range(config.n_layers)
         ]
         self.transformer = Backbone(TokenEmbeddings(config.padded_vocab_size, config.d_model, **placement), layers,

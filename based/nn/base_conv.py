@@ -72,7 +72,8 @@ class BaseConv(nn.Module):
         check_hidden_states(x, self.d_model)
         if cache is not None:
             if not isinstance(cache, torch.Tensor):
-                raise TypeError(f"BaseConv needs a conv-state tensor cache (from its new_cache), got {type(cache).__name__}")
+                raise TypeError(f"BaseConv needs a conv-state tensor cache (from its new_cache), "
+                                f"got {type(cache).__name__}")
             check_cache_batch(cache.shape[0], x)
         u1, u2 = self.in_proj(x).split(self.d_inner, dim=-1)
         return self.out_proj(F.silu(self.conv(u1, cache)) * u2)
