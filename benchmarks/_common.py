@@ -34,7 +34,7 @@ def environment(device: torch.device) -> dict[str, str]:
         env["device"] = f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
         env["cuda"] = str(torch.version.cuda)
     else:
-        env["device"] = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        env["device"] = f"{_cpu_name()}, {torch.get_num_threads()} threads"
     if triton_available():
         import triton
 
@@ -43,6 +43,17 @@ def environment(device: torch.device) -> dict[str, str]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         env["TRITON_INTERPRET"] = "1"
     return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return f"{platform.machine()} CPU"
 
 
 def banner(env: dict[str, str]) -> str:
