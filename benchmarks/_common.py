@@ -1,4 +1,4 @@
-"""What every benchmark script shares: the environment banner, timing, dtype parsing, result files."""
+"""What every benchmark script shares: the environment banner, timing, dtype names, result files."""
 from __future__ import annotations
 
 import csv
@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+# --dtype spellings accepted by the scripts.
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 

@@ -3,6 +3,8 @@ import math
 
 import pytest
 import torch
+
+import based
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -96,8 +98,12 @@ def test_bad_input(x, error, match):
 
 @pytest.mark.gpu
 def test_extension_imports_and_registers_op():
-    from based import _C  # noqa: F401  (fails here, rather than skipping, when the build is missing)
-
+    # Fails, rather than skips, on a GPU machine without the build.
+    try:
+        from based import _C  # noqa: F401
+    except ImportError as error:
+        pytest.fail(f"based._C does not import next to {based.__file__} ({error}); on a GPU machine run "
+                    "`pip install --no-build-isolation -e .` (editable, so the tests' import finds it)")
     assert hasattr(torch.ops.based, "taylor_feature_map")
 
 
