@@ -1,6 +1,14 @@
 """Ops of Based models. Each takes `backend="auto" | "torch" | "triton" | "cuda"`."""
 from based.ops.feature_map import feature_dim_of, taylor_feature_map
 from based.ops.linear_attention import LinearAttentionState, linear_attention, linear_attention_step
+from based.ops.short_conv import causal_conv1d, causal_conv1d_step
+from based.ops.sliding_window import (
+    WindowCache,
+    sliding_window_attention,
+    sliding_window_attention_step,
+    window_cache_read,
+    window_cache_write,
+)
 
 __all__ = [
     "taylor_feature_map",
@@ -8,4 +16,11 @@ __all__ = [
     "linear_attention",
     "linear_attention_step",
     "LinearAttentionState",
+    "sliding_window_attention",
+    "sliding_window_attention_step",
+    "WindowCache",
+    "window_cache_write",
+    "window_cache_read",
+    "causal_conv1d",
+    "causal_conv1d_step",
 ]

@@ -1,0 +1,7 @@
+"""Causal depthwise convolution (the short conv of BaseConv): parallel op and decode step.
+
+Files: `reference.py` (plain PyTorch), `interface.py` (checks + dispatch).
+"""
+from based.ops.short_conv.interface import causal_conv1d, causal_conv1d_step
+
+__all__ = ["causal_conv1d", "causal_conv1d_step"]

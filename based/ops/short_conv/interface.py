@@ -1,0 +1,79 @@
+"""Public entry points of the causal depthwise convolution: argument checks, then backend dispatch."""
+from __future__ import annotations
+
+import torch
+
+from based.ops._backend import resolve_backend
+from based.ops._validate import check_dims_match, check_same_device, check_shape, check_tensor
+from based.ops.short_conv.reference import causal_conv1d_step_torch, causal_conv1d_torch
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  initial_state: torch.Tensor | None = None, return_state: bool = False, backend: str = "auto"):
+    """Causal depthwise 1-D convolution over the sequence (BaseConv's short conv).
+
+    `y_t = sum_{i<K} weight[:, i] * x_{t-K+1+i} + bias`, where inputs before the chunk are zeros or,
+    with `initial_state`, the inputs that came before it (continuing a prompt).
+
+    Args:
+        x: `[B, T, D]`, any T >= 1. fp16, bf16, fp32 (fp64 on the torch backend).
+        weight: `[D, K]` (an `nn.Conv1d(D, D, K, groups=D)` weight `[D, 1, K]` squeezed).
+        bias: optional `[D]`.
+        initial_state: optional `[B, D, K]`, the last K inputs before `x`, oldest first (only the newest
+            K - 1 enter the output; the state keeps K so a decode step can shift-then-dot).
+        return_state: also return the state after `x`.
+        backend: "auto" or "torch"; see `based.ops`.
+
+    Returns:
+        `y` `[B, T, D]` in x's dtype, computed in fp32 (fp64 for fp64 inputs); with `return_state` also
+        the new state `[B, D, K]` in fp32 (fp64): the last K inputs, oldest first, including
+        `initial_state`'s when T < K. Differentiable in x, weight, bias and initial_state.
+    """
+    check_tensor("x", x, ndim=3)
+    _check_weight(weight, bias, x)
+    if initial_state is not None:
+        _check_state("initial_state", initial_state, x, weight)
+    check_same_device(x=x, weight=weight, bias=bias, initial_state=initial_state)
+    if x.shape[1] < 1:
+        raise ValueError(f"x must have seqlen >= 1, got shape {tuple(x.shape)}")
+    impl = resolve_backend("causal_conv1d", backend, x.device, {"torch": causal_conv1d_torch})
+    return impl(x, weight, bias, initial_state, return_state)
+
+
+def causal_conv1d_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
+    """One decode step of `causal_conv1d`.
+
+    Shifts `conv_state` left by one and writes `x` at its end **in place**, then returns
+    `sum_i weight[:, i] * conv_state[:, :, i] + bias`: what the parallel op gives at this position.
+    No host syncs, so the step can be captured in a CUDA graph.
+
+    Args:
+        x: `[B, D]`, the new input. fp16, bf16, fp32 (fp64 on the torch backend).
+        conv_state: `[B, D, K]`, the last K inputs, oldest first (fp32 recommended; `x` is cast to it).
+        weight: `[D, K]`; bias: optional `[D]`.
+
+    Returns:
+        `y` `[B, D]` in x's dtype.
+    """
+    check_tensor("x", x, ndim=2)
+    _check_weight(weight, bias, x)
+    _check_state("conv_state", conv_state, x, weight)
+    check_same_device(x=x, conv_state=conv_state, weight=weight, bias=bias)
+    impl = resolve_backend("causal_conv1d_step", backend, x.device, {"torch": causal_conv1d_step_torch})
+    return impl(x, conv_state, weight, bias)
+
+
+def _check_weight(weight, bias, x: torch.Tensor) -> None:
+    check_tensor("weight", weight, ndim=2)
+    check_dims_match("channels of x and weight", x=x.shape[-1], weight=weight.shape[0])
+    if 0 in weight.shape:
+        raise ValueError(f"weight must be [D, K] with D, K >= 1, got shape {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        check_shape("bias", bias, (weight.shape[0],))
+
+
+def _check_state(name: str, state, x: torch.Tensor, weight: torch.Tensor) -> None:
+    check_tensor(name, state, ndim=3)
+    check_shape(name, state, (x.shape[0], *weight.shape))
