@@ -57,7 +57,7 @@ shapes = st.fixed_dictionaries({
 @given(shape=shapes, causal=st.booleans(), normalize=st.booleans(), with_state=st.booleans(),
        dtype=st.sampled_from([torch.float64, torch.float32]))
 def test_forward_and_gradients_match_quadratic_formula(shape, causal, normalize, with_state, dtype):
-    B, T, H, d, dv = shape.values()
+    B, T, H, d, dv = (shape[key] for key in "B T H d dv".split())
     q, k, v = random_qkv(B, T, H, d, dv, dtype, requires_grad=True)
     prefix = initial = None
     if with_state:
@@ -100,7 +100,7 @@ def test_forward_and_gradients_match_quadratic_formula(shape, causal, normalize,
 
 @given(shape=shapes, split=st.floats(0.0, 1.0), causal=st.booleans())
 def test_returned_state_and_split_equal_whole(shape, split, causal):
-    B, T, H, d, dv = shape.values()
+    B, T, H, d, dv = (shape[key] for key in "B T H d dv".split())
     q, k, v = random_qkv(B, T, H, d, dv, torch.float64)
     out, state = linear_attention(q, k, v, causal=causal, return_state=True)
     kv_ref, ksum_ref = state_reference(k, v)
@@ -122,7 +122,7 @@ def test_returned_state_and_split_equal_whole(shape, split, causal):
 @settings(max_examples=10)
 @given(shape=shapes, normalize=st.booleans(), dtype=st.sampled_from([torch.float64, torch.float32]))
 def test_steps_match_parallel_at_every_position(shape, normalize, dtype):
-    B, T, H, d, dv = shape.values()
+    B, T, H, d, dv = (shape[key] for key in "B T H d dv".split())
     T = min(T, 70)
     q, k, v = random_qkv(B, T, H, d, dv, dtype)
     state = LinearAttentionState.zeros(B, H, d, dv, dtype=torch.float64 if dtype == torch.float64 else torch.float32)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from based.ops._backend import resolve_backend
-from based.ops._validate import check_dims_match, check_same_device, check_shape, check_tensor
+from based.ops._backend import resolve_backend, triton_available
+from based.ops._validate import KERNEL_DTYPES, check_dims_match, check_same_device, check_shape, check_tensor
 from based.ops.feature_map.reference import feature_dim_of
 from based.ops.linear_attention.reference import linear_attention_step_torch, linear_attention_torch
 from based.ops.linear_attention.state import LinearAttentionState, accumulation_dtype
@@ -27,7 +27,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         initial_state: optional `LinearAttentionState` with kv `[B, H, E, dv]` and ksum `[B, H, E]`,
             `E = 1 + d + d*(d+1)/2`, fp32 (fp64 allowed with fp64 inputs).
         return_state: also return the final state (initial state included).
-        backend: "auto", "torch", "triton" or "cuda"; see `based.ops`.
+        backend: "auto" (Triton kernels on CUDA for fp16/bf16/fp32 and d <= 16, else the reference),
+            "torch" or "triton".
 
     Returns:
         `o` `[B, T, H, dv]` in v's dtype, and with `return_state` a `LinearAttentionState` (fp32).
@@ -38,8 +39,24 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         _check_state(initial_state, q, v)
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    impl = resolve_backend("linear_attention", backend, q.device, {"torch": linear_attention_torch})
+    if backend == "auto" and not _kernels_support(q):
+        backend = "torch"
+    impl = resolve_backend("linear_attention", backend, q.device, _parallel_implementations())
     return impl(q, k, v, causal, normalize, eps, initial_state, return_state)
+
+
+def _kernels_support(q: torch.Tensor) -> bool:
+    """Whether the Triton kernels take these inputs ("auto" uses the reference for the rest)."""
+    return q.dtype in KERNEL_DTYPES and q.shape[-1] <= 16
+
+
+def _parallel_implementations():
+    impls = {"torch": linear_attention_torch}
+    if triton_available():
+        from based.ops.linear_attention.triton_op import linear_attention_triton  # noqa: PLC0415 (needs triton)
+
+        impls["triton"] = linear_attention_triton
+    return impls
 
 
 def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LinearAttentionState, *,

@@ -153,7 +153,9 @@ def _query_state_seed(d_state, d_z, launch: Launch):
     BH, F, DP = launch.B * launch.H, launch.F, launch.DP
 
     def seed(x, tail):
-        x = x.reshape(BH, F, *tail).clone()
+        # A fresh row-major copy: the kernels address each state as a dense [F, DV] block, and autograd
+        # hands over gradients in whatever layout the consumer produced.
+        x = x.reshape(BH, F, *tail).clone(memory_format=torch.contiguous_format)
         second = x[:, 1 + DP:].reshape(BH, DP, DP, *tail)
         x[:, 1 + DP:] = (second + second.transpose(1, 2)).reshape(BH, DP * DP, *tail)
         return x[:, None]
@@ -175,7 +177,8 @@ def backward(q, k, v, o, do, den, state0, z0, d_state, d_z, causal: bool, normal
     f32 = dict(device=q.device, dtype=torch.float32)
     w = None
     if normalize:
-        w = -(do.float() * o.float()).sum(-1).transpose(1, 2).reshape(B * H, T) / den
+        # Row-major [B*H, T] like den (the kernels index both so); the division keeps its operand's layout.
+        w = (-(do.float() * o.float()).sum(-1).transpose(1, 2).reshape(B * H, T) / den).contiguous()
     den_arg = den if normalize else q
     w_arg = w if normalize else q
     kernel_args = dict(CAUSAL=causal, NORMALIZE=normalize, **launch.constexprs)
