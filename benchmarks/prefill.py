@@ -1,0 +1,149 @@
+"""Prefill speed of one Based linear-attention layer against FlashAttention-2 and fla's Based kernels.
+
+    python benchmarks/prefill.py                      # B=8, H=16, d=16, dv=64, bf16, T = 1k..16k
+    python benchmarks/prefill.py --seqlens 4096 --out prefill.json
+
+Times are `triton.testing.do_bench` medians (CUDA events) of the forward and of forward+backward. FA2 is
+`flash_attn` when importable, else PyTorch SDPA's FLASH_ATTENTION backend (the same FlashAttention-2 code),
+causal, head dim = dv. fla's `parallel_based` / `fused_chunk_based` run when the package is installed.
+Ratios are baseline time / our time measured in the same run. The floor is the chunked form's bytes
+(q, k, v, o once each) and FLOPs (see ../shared/BENCHMARKS.md) over the card's measured copy bandwidth and
+bf16 matrix rate, both measured here too.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from _common import DTYPES, banner, check_out_path, environment, format_table, write_results
+
+from based.ops import linear_attention
+
+
+def flops_per_token_head(d: int, dv: int, chunk: int = 64) -> float:
+    """Matrix FLOPs of the chunked forward per token and head: intra-chunk q k^T and a v, state read and
+    state update over the 1 + d + d*d raw features."""
+    features = 1 + d + d * d
+    return 2 * chunk * d + 2 * chunk * dv + 2 * 2 * features * dv
+
+
+def fa2_forward(dtype):
+    try:
+        from flash_attn import flash_attn_func
+
+        return "flash_attn", lambda q, k, v: flash_attn_func(q, k, v, causal=True)
+    except ImportError:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.functional import scaled_dot_product_attention
+
+        def sdpa(q, k, v):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                    is_causal=True).transpose(1, 2)
+
+        return "SDPA-flash", sdpa
+
+
+def fla_kernels():
+    try:
+        from fla.ops.based import fused_chunk_based, parallel_based
+    except ImportError:
+        return {}
+    # fla takes [B, T, H, d] in 0.6 (head_first=False is its default layout).
+    return {"fla parallel": parallel_based, "fla fused_chunk": fused_chunk_based}
+
+
+def bench(fn, backward: bool, inputs):
+    import triton.testing
+
+    def run():
+        out = fn(*inputs)
+        if backward:
+            out.backward(grad)
+
+    grad = torch.randn_like(fn(*inputs)) if backward else None
+    return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+
+
+def peak_memory_mb(fn, inputs) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn(*inputs)
+    out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def ceilings():
+    """Measured device-to-device copy bandwidth (bytes read + written per second) and bf16 matmul rate."""
+    import triton.testing
+
+    x = torch.empty(2**30 // 2, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    copy_ms = triton.testing.do_bench(lambda: y.copy_(x), return_mode="median")
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    mm_ms = triton.testing.do_bench(lambda: a @ a, return_mode="median")
+    return 2 * x.numel() * 2 / (copy_ms * 1e-3), 2 * 8192**3 / (mm_ms * 1e-3)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--feature-dim", type=int, default=16)
+    parser.add_argument("--value-dim", type=int, default=64)
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--out", help="write the rows to a .json or .csv file")
+    args = parser.parse_args(argv)
+    check_out_path(args.out)
+    if not torch.cuda.is_available():
+        print("prefill.py times GPU kernels; no CUDA device here.", file=sys.stderr)
+        return 1
+    device, dtype = torch.device("cuda"), DTYPES[args.dtype]
+    env = environment(device)
+    B, H, d, dv = args.batch, args.heads, args.feature_dim, args.value_dim
+    fa2_name, fa2 = fa2_forward(dtype)
+    fla = fla_kernels()
+    bandwidth, matmul_rate = ceilings()
+    print(banner(env))
+    print(f"B={B} H={H} d={d} dv={dv} {args.dtype}; FA2 = {fa2_name}; fla: {', '.join(fla) or 'not installed'}; "
+          f"measured ceilings: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul_rate / 1e12:.0f} TFLOP/s")
+
+    rows = []
+    for T in args.seqlens:
+        def make(last):
+            return torch.randn(B, T, H, last, device=device, dtype=dtype).requires_grad_()
+
+        qkv = (make(d), make(d), make(dv))
+        fa2_qkv = (make(dv), make(dv), make(dv))
+        ours = lambda q, k, v: linear_attention(q, k, v)  # noqa: E731 (the default: Triton on CUDA)
+        row = {"T": T}
+        for name, fn, inputs in [("based", ours, qkv), (fa2_name, fa2, fa2_qkv)] + [
+                (name, fn, qkv) for name, fn in fla.items()]:
+            row[f"{name} fwd ms"] = bench(fn, False, inputs)
+            row[f"{name} fwd+bwd ms"] = bench(fn, True, inputs)
+        row["based peak MB"] = peak_memory_mb(ours, qkv)
+        row["FA2/based fwd"] = row[f"{fa2_name} fwd ms"] / row["based fwd ms"]
+        row["FA2/based fwd+bwd"] = row[f"{fa2_name} fwd+bwd ms"] / row["based fwd+bwd ms"]
+        if fla:
+            best = min(row[f"{name} fwd ms"] for name in fla)
+            row["best fla/based fwd"] = best / row["based fwd ms"]
+        flops = flops_per_token_head(d, dv) * B * H * T
+        bytes_moved = B * H * T * (2 * d + 2 * dv) * torch.finfo(dtype).bits // 8
+        row["based fwd TFLOP/s"] = flops / (row["based fwd ms"] * 1e-3) / 1e12
+        row["floor ms"] = 1e3 * max(flops / matmul_rate, bytes_moved / bandwidth)
+        rows.append(row)
+
+    columns = list(rows[0])
+    formatted = [{c: (f"{r[c]:.3f}" if isinstance(r[c], float) else r[c]) for c in columns} for r in rows]
+    print("\n".join(format_table(formatted, columns)))
+    if args.out:
+        write_results(args.out, rows, env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: install (building based._C), run the gpu-marked tests, run the benchmarks
+# named as arguments. Logs go to $OUT (or ./gpu_out). Comparison packages travel as wheels in .whl/.
+set -uo pipefail
+out="${OUT:-gpu_out}"
+mkdir -p "$out"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 -m pip install --no-build-isolation -e . > "$out/install.log" 2>&1
+echo "install exit $?"; tail -3 "$out/install.log"
+python3 -c "import based._C, torch; print('based._C imported; torch', torch.__version__)"
+PYTHONUNBUFFERED=1 python3 -m pytest tests -m gpu -q -p no:cacheprovider -ra 2>&1 | tee "$out/gpu_tests.log" | tail -15
+for bench in "$@"; do
+  PYTHONUNBUFFERED=1 python3 "benchmarks/$bench.py" 2>&1 | tee "$out/$bench.txt"
+done
