@@ -148,3 +148,11 @@ def test_cuda_kernel_under_torch_compile():
     fn = torch.compile(lambda x: torch.ops.based.taylor_feature_map(x) * 2, fullgraph=True)
     x = torch.randn(3, 5, 16, device="cuda")
     assert_close(fn(x), 2 * phi_formula(x), torch.float32, "compiled phi")
+
+
+@pytest.mark.gpu
+def test_public_cuda_path_rejects_bad_input_before_the_extension():
+    with pytest.raises(TypeError, match="dtype"):
+        taylor_feature_map(torch.randn(4, 16, device="cuda", dtype=torch.float64), backend="cuda")
+    with pytest.raises(ValueError, match="last dimension"):
+        taylor_feature_map(torch.randn(4, 65, device="cuda"), backend="cuda")

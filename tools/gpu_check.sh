@@ -13,8 +13,8 @@ echo "install exit $?"; tail -3 "$out/install.log"
 python3 -c "import torch, based._C; print('based._C imported; torch', torch.__version__)"
 export PYTHONUNBUFFERED=1
 # The extension's tests in their own process: a crash there must not hide the other results.
-python3 -X faulthandler -m pytest tests/test_extension.py -m gpu -q -p no:cacheprovider -ra 2>&1 | tee "$out/gpu_ext.log" | tail -8
-python3 -m pytest tests -m gpu -q -p no:cacheprovider -ra --ignore=tests/test_extension.py 2>&1 | tee "$out/gpu_tests.log" | tail -15
+python3 -X faulthandler -m pytest tests/test_extension.py -m gpu -q -p no:cacheprovider -ra ${EXT_PYTEST_ARGS:-} 2>&1 | tee "$out/gpu_ext.log" | tail -8
+timeout "${TEST_TIMEOUT:-3000}" python3 -m pytest tests -m gpu -q -p no:cacheprovider -ra --ignore=tests/test_extension.py ${PYTEST_ARGS:-} 2>&1 | tee "$out/gpu_tests.log" | tail -15
 for bench in "$@"; do
   python3 "benchmarks/$bench.py" 2>&1 | tee "$out/$bench.txt"
 done
