@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install (building based._C), run the gpu-marked tests, run the benchmarks
 # named as arguments. Logs go to $OUT (or ./gpu_out). Comparison packages travel as wheels in .whl/.
+#   PYTEST_TARGETS  what pytest runs (default: tests)     TEST_TIMEOUT  seconds for that run
 set -uo pipefail
 out="${OUT:-gpu_out}"
 mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-python3 -m pip install --no-build-isolation -e . > "$out/install.log" 2>&1
-echo "install exit $?"; tail -3 "$out/install.log"
+python3 -m pip install -v --no-build-isolation -e . > "$out/install.log" 2>&1
+echo "install exit $?"; tail -2 "$out/install.log"
 python3 -c "import torch, based._C; print('based._C imported; torch', torch.__version__)"
 export PYTHONUNBUFFERED=1
-# The extension's tests in their own process: a crash there must not hide the other results.
-python3 -X faulthandler -m pytest tests/test_extension.py -m gpu -q -p no:cacheprovider -ra ${EXT_PYTEST_ARGS:-} 2>&1 | tee "$out/gpu_ext.log" | tail -8
-timeout "${TEST_TIMEOUT:-3000}" python3 -m pytest tests -m gpu -q -p no:cacheprovider -ra --ignore=tests/test_extension.py ${PYTEST_ARGS:-} 2>&1 | tee "$out/gpu_tests.log" | tail -15
+timeout "${TEST_TIMEOUT:-3000}" python3 -X faulthandler -m pytest ${PYTEST_TARGETS:-tests} -m gpu -q \
+  -p no:cacheprovider -ra 2>&1 | tee "$out/gpu_tests.log" | tail -15
 for bench in "$@"; do
   python3 "benchmarks/$bench.py" 2>&1 | tee "$out/$bench.txt"
 done

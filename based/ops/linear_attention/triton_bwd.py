@@ -25,7 +25,7 @@ from based.ops.linear_attention.triton_common import (
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "DV", "SEG"])
 def _dq_kernel(
     q, k, v, do, den, w, dq, state_in, z_in,
     T, DV, SEG, scale, stride_in_bh, stride_in_s, stride_zin_bh, stride_zin_s,
@@ -76,7 +76,7 @@ def _dq_kernel(
         tl.store(p_dq + o_t[:, None] * DP + o_d[None, :], b_dq * scale, mask=m_t[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "DV", "SEG", "NS"])
 def _dkdv_kernel(
     q, k, v, do, den, w, dk, dv, r_in, y_in, r_out, y_out,
     T, DV, SEG, NS, scale, stride_in_bh, stride_in_s, stride_yin_bh, stride_yin_s,

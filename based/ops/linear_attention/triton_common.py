@@ -24,6 +24,9 @@ import triton
 import triton.language as tl
 
 CHUNK = 64  # tokens per chunk (BT)
+# Launch shape: value columns per program and warps per program (benchmarks/tune_linear_attention.py).
+BLOCK_V = 64
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -105,7 +108,7 @@ def store_state(state, z, o_v, m_v, DV, DP: tl.constexpr, b_s0, b_s1, b_s2, b_z0
         tl.store(p_z2, b_z2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "DV", "SEG", "NS"])  # one compile serves every length
 def _segment_sums_kernel(
     x, u, den, w, seg_state, seg_z,
     T, DV, SEG, NS, x_scale,
@@ -185,7 +188,7 @@ class Launch:
         self.B, self.T, self.H, self.D, self.DV = B, T, H, D, v.shape[-1]
         self.DP = padded_feature_dim(D)
         self.F = raw_feature_count(self.DP)
-        self.BV = min(64, triton.next_power_of_2(self.DV))
+        self.BV = min(BLOCK_V, triton.next_power_of_2(self.DV))
         self.n_vblocks = triton.cdiv(self.DV, self.BV)
         n_chunks = triton.cdiv(T, CHUNK)
         seg = triton.cdiv(n_chunks, self._num_segments(n_chunks, self.n_vblocks * B * H, q.device))
@@ -193,7 +196,7 @@ class Launch:
         self.grid = (self.n_vblocks, B * H, self.NS)
         dot_dtype, precision = dot_config(q.dtype, q.device)
         self.constexprs = dict(H=H, D=D, DP=self.DP, BT=CHUNK, BV=self.BV, DOT_DTYPE=dot_dtype,
-                               PRECISION=precision)
+                               PRECISION=precision, num_warps=NUM_WARPS)
 
     @staticmethod
     def _num_segments(n_chunks: int, programs_per_segment: int, device: torch.device) -> int:

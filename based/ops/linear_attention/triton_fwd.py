@@ -10,7 +10,7 @@ from based.ops.linear_attention.triton_common import (
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "DV", "SEG", "NS"])
 def _forward_kernel(
     q, k, v, o, den, state_in, z_in, state_out, z_out,
     T, DV, SEG, NS, scale, eps, stride_in_bh, stride_in_s, stride_zin_bh, stride_zin_s,
