@@ -23,8 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK = 64  # tokens per chunk (BT)
-# Launch shape: value columns per program and warps per program (benchmarks/tune_linear_attention.py).
+# Launch shape (benchmarks/tune_linear_attention.py): tokens per chunk, value columns per program, warps.
+# A chunk's second-order features [BT, DP*DP] and the state [DP*DP, BV] live in registers, so BT * 256 and
+# 256 * BV bound what fits before the compiler spills.
+CHUNK = 64
 BLOCK_V = 64
 NUM_WARPS = 4
 
@@ -191,11 +193,12 @@ class Launch:
         self.BV = min(BLOCK_V, triton.next_power_of_2(self.DV))
         self.n_vblocks = triton.cdiv(self.DV, self.BV)
         n_chunks = triton.cdiv(T, CHUNK)
+        self.BT = CHUNK
         seg = triton.cdiv(n_chunks, self._num_segments(n_chunks, self.n_vblocks * B * H, q.device))
         self.SEG, self.NS = seg, triton.cdiv(n_chunks, seg)
         self.grid = (self.n_vblocks, B * H, self.NS)
         dot_dtype, precision = dot_config(q.dtype, q.device)
-        self.constexprs = dict(H=H, D=D, DP=self.DP, BT=CHUNK, BV=self.BV, DOT_DTYPE=dot_dtype,
+        self.constexprs = dict(H=H, D=D, DP=self.DP, BT=self.BT, BV=self.BV, DOT_DTYPE=dot_dtype,
                                PRECISION=precision, num_warps=NUM_WARPS)
 
     @staticmethod
