@@ -10,6 +10,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+# The image's default CXX is a wrapper script; an extension built through it crashes on any C++ exception.
+[ -x /usr/bin/g++ ] && export CXX=/usr/bin/g++ CC=/usr/bin/gcc
 python3 -m pip install -v --no-build-isolation -e . > "$out/install.log" 2>&1
 echo "install exit $?"; tail -2 "$out/install.log"
 python3 -c "import torch, based._C; print('based._C imported; torch', torch.__version__)"
