@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from based.ops.linear_attention.triton_common import (
-    Launch, add_rows, grad_from_state, key_state_starts, load_features, load_state, load_tile, mm, read_state,
+    Launch, add_rows, grad_from_state, key_state_starts, load_state, load_tile, mm, outer_rows, read_state,
     segment_starts, store_state,
 )
 
@@ -42,6 +42,7 @@ def _dq_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
     o_d = tl.arange(0, DP)
+    m_d = o_d < D
     b_s0, b_s1, b_s2, b_z0, b_z1, b_z2 = load_state(
         state_in + i_bh * stride_in_bh + i_s * stride_in_s, z_in + i_bh * stride_zin_bh + i_s * stride_zin_s,
         o_v, m_v, DV, DP)
@@ -55,23 +56,23 @@ def _dq_kernel(
     for t0 in range(t_start, t_end, BT):
         o_t = t0 + tl.arange(0, BT)
         m_t = o_t < T
-        b_q, b_qa, _ = load_features(p_q, o_t, m_t, stride_qt, stride_qd, scale, D, DP)
+        b_q = load_tile(p_q, o_t, m_t, stride_qt, o_d, m_d, stride_qd) * scale
         b_g = load_tile(p_do, o_t, m_t, stride_dt, o_v, m_v, stride_dd)
         b_w = tl.zeros([BT], dtype=tl.float32)
         if NORMALIZE:
             b_g = b_g / tl.load(den + i_bh * T + o_t, mask=m_t, other=1.0)[:, None]
             if i_v == 0:  # w_i enters once, not once per value block
                 b_w = tl.load(w + i_bh * T + o_t, mask=m_t, other=0.0)
-        b_dq = grad_from_state(b_qa, b_g, b_w, b_s1, b_s2, b_z1, b_z2, DP, DOT_DTYPE, PRECISION)
+        b_dq = grad_from_state(b_q, b_g, b_w, b_s1, b_s2, b_z1, b_z2, BT, DP, DOT_DTYPE, PRECISION)
         if CAUSAL:
-            b_k, _, b_k2 = load_features(p_k, o_t, m_t, stride_kt, stride_kd, 1.0, D, DP)
+            b_k = load_tile(p_k, o_t, m_t, stride_kt, o_d, m_d, stride_kd)
             b_v = load_tile(p_v, o_t, m_t, stride_vt, o_v, m_v, stride_vd)
             b_s = mm(b_q, tl.trans(b_k), DOT_DTYPE, PRECISION)
             b_da = mm(b_g, tl.trans(b_v), DOT_DTYPE, PRECISION) + b_w[:, None]
             b_da = tl.where((o_t[:, None] >= o_t[None, :]) & m_t[None, :], b_da * (1.0 + b_s), 0.0)
             b_dq += mm(b_da, b_k, DOT_DTYPE, PRECISION)
-            b_s0, b_s1, b_s2, b_z0, b_z1, b_z2 = add_rows(b_k, b_k2, b_v, m_t.to(tl.float32), b_s0, b_s1, b_s2,
-                                                          b_z0, b_z1, b_z2, DOT_DTYPE, PRECISION)
+            b_s0, b_s1, b_s2, b_z0, b_z1, b_z2 = add_rows(b_k, b_v, m_t.to(tl.float32), b_s0, b_s1, b_s2,
+                                                          b_z0, b_z1, b_z2, BT, DP, DOT_DTYPE, PRECISION)
         tl.store(p_dq + o_t[:, None] * DP + o_d[None, :], b_dq * scale, mask=m_t[:, None])
 
 
@@ -96,6 +97,7 @@ def _dkdv_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
     o_d = tl.arange(0, DP)
+    m_d = o_d < D
     b_r0, b_r1, b_r2, b_y0, b_y1, b_y2 = load_state(
         r_in + i_bh * stride_in_bh + i_s * stride_in_s, y_in + i_bh * stride_yin_bh + i_s * stride_yin_s,
         o_v, m_v, DV, DP)
@@ -110,14 +112,15 @@ def _dkdv_kernel(
     for c in range(n_chunks):
         o_t = (first_chunk + n_chunks - 1 - c) * BT + tl.arange(0, BT)
         m_t = o_t < T
-        b_k, b_ka, b_k2 = load_features(p_k, o_t, m_t, stride_kt, stride_kd, 1.0, D, DP)
+        b_k = load_tile(p_k, o_t, m_t, stride_kt, o_d, m_d, stride_kd)
         b_v = load_tile(p_v, o_t, m_t, stride_vt, o_v, m_v, stride_vd)
         b_key_w = tl.where(i_v == 0, m_t.to(tl.float32), 0.0)  # w-weighted sums enter once, not per value block
         # Queries after this chunk, through the state.
-        b_dv, _ = read_state(b_k, b_k2, b_r0, b_r1, b_r2, b_y0, b_y1, b_y2, DOT_DTYPE, PRECISION)
-        b_dk = grad_from_state(b_ka, b_v, b_key_w, b_r1, b_r2, b_y1, b_y2, DP, DOT_DTYPE, PRECISION)
+        b_dv, _ = read_state(b_k, outer_rows(b_k, BT, DP), b_r0, b_r1, b_r2, b_y0, b_y1, b_y2,
+                             DOT_DTYPE, PRECISION)
+        b_dk = grad_from_state(b_k, b_v, b_key_w, b_r1, b_r2, b_y1, b_y2, BT, DP, DOT_DTYPE, PRECISION)
         if CAUSAL:
-            b_q, _, b_q2 = load_features(p_q, o_t, m_t, stride_qt, stride_qd, scale, D, DP)
+            b_q = load_tile(p_q, o_t, m_t, stride_qt, o_d, m_d, stride_qd) * scale
             b_g = load_tile(p_do, o_t, m_t, stride_dt, o_v, m_v, stride_dd)
             b_w = tl.zeros([BT], dtype=tl.float32)
             if NORMALIZE:
@@ -131,8 +134,8 @@ def _dkdv_kernel(
             b_da = mm(b_g, tl.trans(b_v), DOT_DTYPE, PRECISION) + tl.where(i_v == 0, b_w, 0.0)[:, None]
             b_da = tl.where(m_causal, b_da * (1.0 + b_s), 0.0)
             b_dk += mm(tl.trans(b_da), b_q, DOT_DTYPE, PRECISION)
-            b_r0, b_r1, b_r2, b_y0, b_y1, b_y2 = add_rows(b_q, b_q2, b_g, b_w, b_r0, b_r1, b_r2, b_y0, b_y1, b_y2,
-                                                          DOT_DTYPE, PRECISION)
+            b_r0, b_r1, b_r2, b_y0, b_y1, b_y2 = add_rows(b_q, b_g, b_w, b_r0, b_r1, b_r2, b_y0, b_y1, b_y2,
+                                                          BT, DP, DOT_DTYPE, PRECISION)
         tl.store(p_dv + o_t[:, None] * stride_dvt + o_v[None, :] * stride_dvd,
                  b_dv.to(dv.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
         tl.store(p_dk + o_t[:, None] * DP + o_d[None, :], b_dk, mask=m_t[:, None])

@@ -39,20 +39,9 @@ def load_tile(ptr, o_t, m_t, stride_t, o_c, m_c, stride_c):
 
 
 @triton.jit
-def load_features(ptr, o_t, m_t, stride_t, stride_d, scale, D: tl.constexpr, DP: tl.constexpr):
-    """A chunk of rows x = scale * X[o_t, :d], zero-padded to DP columns ([BT, DP]), and over the flattened
-    pairs f = a*DP + b ([BT, DP*DP] each): x[:, a] and the second-order features x[:, a] * x[:, b].
-
-    The pair tiles come from loads that re-read the chunk (from L1), not from reshaping an outer product
-    held in registers: that reshape goes through shared memory and dominated the kernels' time.
-    """
-    o_d = tl.arange(0, DP)
-    o_f = tl.arange(0, DP * DP)
-    o_a, o_b = o_f // DP, o_f % DP
-    b_x = load_tile(ptr, o_t, m_t, stride_t, o_d, o_d < D, stride_d) * scale
-    b_xa = load_tile(ptr, o_t, m_t, stride_t, o_a, o_a < D, stride_d) * scale
-    b_xb = load_tile(ptr, o_t, m_t, stride_t, o_b, o_b < D, stride_d) * scale
-    return b_x, b_xa, b_xa * b_xb
+def outer_rows(b_x, BT: tl.constexpr, DP: tl.constexpr):
+    """Per row, the flattened outer product x x^T: [BT, DP] -> [BT, DP*DP], index a*DP + b."""
+    return tl.reshape(b_x[:, :, None] * b_x[:, None, :], (BT, DP * DP))
 
 
 @triton.jit
@@ -70,23 +59,20 @@ def read_state(b_x, b_x2, b_s0, b_s1, b_s2, b_z0, b_z1, b_z2, DOT_DTYPE: tl.cons
 
 
 @triton.jit
-def grad_from_state(b_xa, b_u, b_w, b_s1, b_s2, b_z1, b_z2, DP: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                    PRECISION: tl.constexpr):
+def grad_from_state(b_x, b_u, b_w, b_s1, b_s2, b_z1, b_z2, BT: tl.constexpr, DP: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """d/dx of sum_j (u.u_j + w w_j) a(x, x_j) over the rows summed in a state, [BT, DP]:
-    S1 u + Z1 w + sum_b x_b (S2[b, :] u + Z2[b, :] w). b_xa: x[:, f // DP] over pairs f (load_features).
-
-    The sum over b runs as a product with the 0/1 matrix that maps pair f = b*DP + a to column a."""
+    S1 u + Z1 w + sum_b x_b (S2[b, :] u + Z2[b, :] w)."""
     b_g = mm(b_u, tl.trans(b_s1), DOT_DTYPE, PRECISION) + b_w[:, None] * b_z1[None, :]
-    b_m = (mm(b_u, tl.trans(b_s2), DOT_DTYPE, PRECISION) + b_w[:, None] * b_z2[None, :]) * b_xa
-    o_f = tl.arange(0, DP * DP)
-    b_pick = ((o_f % DP)[:, None] == tl.arange(0, DP)[None, :]).to(tl.float32)
-    return b_g + mm(b_m, b_pick, DOT_DTYPE, PRECISION)
+    b_m = mm(b_u, tl.trans(b_s2), DOT_DTYPE, PRECISION) + b_w[:, None] * b_z2[None, :]
+    return b_g + tl.sum(b_x[:, :, None] * tl.reshape(b_m, (BT, DP, DP)), 1)
 
 
 @triton.jit
-def add_rows(b_x, b_x2, b_u, b_w, b_s0, b_s1, b_s2, b_z0, b_z1, b_z2, DOT_DTYPE: tl.constexpr,
-             PRECISION: tl.constexpr):
-    """Add one chunk of rows (x with its features x2, u, w) to the raw sums; padded rows are zero."""
+def add_rows(b_x, b_u, b_w, b_s0, b_s1, b_s2, b_z0, b_z1, b_z2, BT: tl.constexpr, DP: tl.constexpr,
+             DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Add one chunk of rows (x, u, w) to the raw sums; padded rows are zero and add nothing."""
+    b_x2 = outer_rows(b_x, BT, DP)
     b_s0 += tl.sum(b_u, 0)
     b_s1 += mm(tl.trans(b_x), b_u, DOT_DTYPE, PRECISION)
     b_s2 += mm(tl.trans(b_x2), b_u, DOT_DTYPE, PRECISION)
@@ -140,6 +126,8 @@ def _segment_sums_kernel(
     i_b, i_h = i_bh // H, i_bh % H
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
+    o_d = tl.arange(0, DP)
+    m_d = o_d < D
     b_s0 = tl.zeros([BV], dtype=tl.float32)
     b_s1 = tl.zeros([DP, BV], dtype=tl.float32)
     b_s2 = tl.zeros([DP * DP, BV], dtype=tl.float32)
@@ -153,7 +141,7 @@ def _segment_sums_kernel(
     for t0 in range(t_start, t_end, BT):
         o_t = t0 + tl.arange(0, BT)
         m_t = o_t < T
-        b_x, _, b_x2 = load_features(p_x, o_t, m_t, stride_xt, stride_xd, x_scale, D, DP)
+        b_x = load_tile(p_x, o_t, m_t, stride_xt, o_d, m_d, stride_xd) * x_scale
         b_u = load_tile(p_u, o_t, m_t, stride_ut, o_v, m_v, stride_ud)
         if ROW_SCALED:
             o_n = i_b * stride_nb + o_t * stride_nt + i_h * stride_nh
@@ -161,8 +149,8 @@ def _segment_sums_kernel(
             b_w = tl.load(w + o_n, mask=m_t, other=0.0)
         else:
             b_w = m_t.to(tl.float32)
-        b_s0, b_s1, b_s2, b_z0, b_z1, b_z2 = add_rows(b_x, b_x2, b_u, b_w, b_s0, b_s1, b_s2, b_z0, b_z1, b_z2,
-                                                      DOT_DTYPE, PRECISION)
+        b_s0, b_s1, b_s2, b_z0, b_z1, b_z2 = add_rows(b_x, b_u, b_w, b_s0, b_s1, b_s2, b_z0, b_z1, b_z2,
+                                                      BT, DP, DOT_DTYPE, PRECISION)
     F = 1 + DP + DP * DP
     store_state(seg_state + (i_bh * NS + i_s) * F * DV, seg_z + (i_bh * NS + i_s) * F, o_v, m_v, DV, DP,
                 b_s0, b_s1, b_s2, b_z0, b_z1, b_z2, i_v == 0)

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from based.ops.linear_attention.triton_common import (
-    Launch, add_rows, key_state_starts, load_features, load_state, load_tile, mm, read_state, store_state,
+    Launch, add_rows, key_state_starts, load_state, load_tile, mm, outer_rows, read_state, store_state,
 )
 
 
@@ -29,6 +29,8 @@ def _forward_kernel(
     i_b, i_h = i_bh // H, i_bh % H
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
+    o_d = tl.arange(0, DP)
+    m_d = o_d < D
     b_s0, b_s1, b_s2, b_z0, b_z1, b_z2 = load_state(
         state_in + i_bh * stride_in_bh + i_s * stride_in_s, z_in + i_bh * stride_zin_bh + i_s * stride_zin_s,
         o_v, m_v, DV, DP)
@@ -42,19 +44,19 @@ def _forward_kernel(
     for t0 in range(t_start, t_end, BT):
         o_t = t0 + tl.arange(0, BT)
         m_t = o_t < T
-        b_q, _, b_q2 = load_features(p_q, o_t, m_t, stride_qt, stride_qd, scale, D, DP)
-        b_num, b_den = read_state(b_q, b_q2, b_s0, b_s1, b_s2, b_z0, b_z1, b_z2,
+        b_q = load_tile(p_q, o_t, m_t, stride_qt, o_d, m_d, stride_qd) * scale
+        b_num, b_den = read_state(b_q, outer_rows(b_q, BT, DP), b_s0, b_s1, b_s2, b_z0, b_z1, b_z2,
                                   DOT_DTYPE, PRECISION)
         if CAUSAL:
-            b_k, _, b_k2 = load_features(p_k, o_t, m_t, stride_kt, stride_kd, 1.0, D, DP)
+            b_k = load_tile(p_k, o_t, m_t, stride_kt, o_d, m_d, stride_kd)
             b_v = load_tile(p_v, o_t, m_t, stride_vt, o_v, m_v, stride_vd)
             # Scores inside the chunk, straight from q.k: 1 + s + s^2/2 on and below the diagonal.
             b_a = mm(b_q, tl.trans(b_k), DOT_DTYPE, PRECISION)
             b_a = tl.where((o_t[:, None] >= o_t[None, :]) & m_t[None, :], 1.0 + b_a + 0.5 * b_a * b_a, 0.0)
             b_num += mm(b_a, b_v, DOT_DTYPE, PRECISION)
             b_den += tl.sum(b_a, 1)
-            b_s0, b_s1, b_s2, b_z0, b_z1, b_z2 = add_rows(b_k, b_k2, b_v, m_t.to(tl.float32), b_s0, b_s1, b_s2,
-                                                          b_z0, b_z1, b_z2, DOT_DTYPE, PRECISION)
+            b_s0, b_s1, b_s2, b_z0, b_z1, b_z2 = add_rows(b_k, b_v, m_t.to(tl.float32), b_s0, b_s1, b_s2,
+                                                          b_z0, b_z1, b_z2, BT, DP, DOT_DTYPE, PRECISION)
         if NORMALIZE:
             b_den += eps
             b_num = b_num / b_den[:, None]
