@@ -26,8 +26,9 @@ import triton.language as tl
 # Launch shape (benchmarks/tune_linear_attention.py): tokens per chunk, value columns per program, warps.
 # A chunk's second-order features [BT, DP*DP] and the state [DP*DP, BV] live in registers, so BT * 256 and
 # 256 * BV bound what fits before the compiler spills.
-CHUNK = 64
-BLOCK_V = 64
+# Best of benchmarks/tune_linear_attention.py on an H200 (bf16, d=16, dv=64, 2026-11-26): BT=16, BV=32.
+CHUNK = 16
+BLOCK_V = 32
 NUM_WARPS = 4
 
 
