@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from based.ops.linear_attention.triton_common import (
-    Launch, add_rows, grad_from_state, key_state_starts, load_state, load_tile, mm, outer_rows, read_state,
-    segment_starts, store_state,
+    Launch, add_rows, grad_from_state, key_state_starts, load_state, load_tile, mm, outer_rows, program_coords,
+    read_state, segment_span, segment_starts, store_state,
 )
 
 
@@ -37,10 +37,7 @@ def _dq_kernel(
     CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dq of one segment and value block (a partial sum over value blocks), dq [NV, B*H, T, DP] fp32."""
-    i_v, i_bh, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < DV
+    i_v, i_b, i_h, i_bh, i_s, o_v, m_v = program_coords(DV, H, BV)
     o_d = tl.arange(0, DP)
     m_d = o_d < D
     b_s0, b_s1, b_s2, b_z0, b_z1, b_z2 = load_state(
@@ -51,8 +48,7 @@ def _dq_kernel(
     p_v = v + i_b * stride_vb + i_h * stride_vh
     p_do = do + i_b * stride_db + i_h * stride_dh
     p_dq = dq + (i_v * tl.num_programs(1) + i_bh) * T * DP
-    t_start = i_s * SEG * BT
-    t_end = tl.minimum(t_start + SEG * BT, T)
+    t_start, t_end = segment_span(i_s, SEG, BT, T)
     for t0 in range(t_start, t_end, BT):
         o_t = t0 + tl.arange(0, BT)
         m_t = o_t < T
@@ -92,10 +88,7 @@ def _dkdv_kernel(
     """dv and a value block's part of dk for one segment, walking its chunks last to first from
     r_in[b*h, segment] = the query state of everything after the segment (all queries when not causal).
     With STORE_STATE, segment 0 writes the query state of the whole sequence (the initial state's grad)."""
-    i_v, i_bh, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < DV
+    i_v, i_b, i_h, i_bh, i_s, o_v, m_v = program_coords(DV, H, BV)
     o_d = tl.arange(0, DP)
     m_d = o_d < D
     b_r0, b_r1, b_r2, b_y0, b_y1, b_y2 = load_state(

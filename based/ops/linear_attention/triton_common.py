@@ -33,6 +33,21 @@ NUM_WARPS = 4
 
 
 @triton.jit
+def program_coords(DV, H: tl.constexpr, BV: tl.constexpr):
+    """This program's value block, batch, head, batch*head and segment, its value columns and their mask."""
+    i_v, i_bh, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_v = i_v * BV + tl.arange(0, BV)
+    return i_v, i_bh // H, i_bh % H, i_bh, i_s, o_v, o_v < DV
+
+
+@triton.jit
+def segment_span(i_s, SEG, BT: tl.constexpr, T):
+    """First token of segment i_s and one past its last."""
+    t_start = i_s * SEG * BT
+    return t_start, tl.minimum(t_start + SEG * BT, T)
+
+
+@triton.jit
 def load_tile(ptr, o_t, m_t, stride_t, o_c, m_c, stride_c):
     """[len(o_t), len(o_c)] tile in float32; rows past T and padded columns read as 0."""
     return tl.load(ptr + o_t[:, None] * stride_t + o_c[None, :] * stride_c,
@@ -123,10 +138,7 @@ def _segment_sums_kernel(
 ):
     """Raw sums of one segment's rows into seg_state/seg_z[b*h, segment]: x = x_scale * x,
     u = u / den and w from `w` when ROW_SCALED (the backward), else u as is and w = 1."""
-    i_v, i_bh, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < DV
+    i_v, i_b, i_h, i_bh, i_s, o_v, m_v = program_coords(DV, H, BV)
     o_d = tl.arange(0, DP)
     m_d = o_d < D
     b_s0 = tl.zeros([BV], dtype=tl.float32)
@@ -137,8 +149,7 @@ def _segment_sums_kernel(
     b_z2 = tl.zeros([DP * DP], dtype=tl.float32)
     p_x = x + i_b * stride_xb + i_h * stride_xh
     p_u = u + i_b * stride_ub + i_h * stride_uh
-    t_start = i_s * SEG * BT
-    t_end = tl.minimum(t_start + SEG * BT, T)
+    t_start, t_end = segment_span(i_s, SEG, BT, T)
     for t0 in range(t_start, t_end, BT):
         o_t = t0 + tl.arange(0, BT)
         m_t = o_t < T

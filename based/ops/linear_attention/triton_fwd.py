@@ -6,7 +6,8 @@ import triton
 import triton.language as tl
 
 from based.ops.linear_attention.triton_common import (
-    Launch, add_rows, key_state_starts, load_state, load_tile, mm, outer_rows, read_state, store_state,
+    Launch, add_rows, key_state_starts, load_state, load_tile, mm, outer_rows, program_coords, read_state,
+    segment_span, store_state,
 )
 
 
@@ -25,10 +26,7 @@ def _forward_kernel(
     """Outputs of one segment, from state_in[b*h, segment] = all keys before the segment (all keys when
     not causal). Writes the normaliser (den [B*H, T], eps included) for the backward, and with
     STORE_STATE the last segment writes the final raw state."""
-    i_v, i_bh, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < DV
+    i_v, i_b, i_h, i_bh, i_s, o_v, m_v = program_coords(DV, H, BV)
     o_d = tl.arange(0, DP)
     m_d = o_d < D
     b_s0, b_s1, b_s2, b_z0, b_z1, b_z2 = load_state(
@@ -39,8 +37,7 @@ def _forward_kernel(
     p_k = k + i_b * stride_kb + i_h * stride_kh
     p_v = v + i_b * stride_vb + i_h * stride_vh
     p_o = o + i_b * stride_ob + i_h * stride_oh
-    t_start = i_s * SEG * BT
-    t_end = tl.minimum(t_start + SEG * BT, T)
+    t_start, t_end = segment_span(i_s, SEG, BT, T)
     for t0 in range(t_start, t_end, BT):
         o_t = t0 + tl.arange(0, BT)
         m_t = o_t < T
