@@ -16,34 +16,35 @@ import torch
 from based.ops.feature_map.reference import feature_dim_of
 
 
+def _correspondence(d: int, dp: int):
+    """Each public feature e, its raw row (a*DP + b with a <= b for second order), the mirrored raw row
+    (b*DP + a), and the factor with public = factor * raw (raw sums are symmetric in (a, b))."""
+    rows, cols = torch.triu_indices(d, d)
+    first = torch.arange(d)
+    public = torch.cat([torch.zeros(1, dtype=torch.long), 1 + first, 1 + d + torch.arange(rows.numel())])
+    raw = torch.cat([torch.zeros(1, dtype=torch.long), 1 + first, 1 + dp + rows * dp + cols])
+    mirror = torch.cat([torch.zeros(1, dtype=torch.long), 1 + first, 1 + dp + cols * dp + rows])
+    factor = torch.cat([torch.ones(1), torch.full((d,), d**-0.25),
+                        torch.where(rows == cols, 1 / math.sqrt(2 * d), 1 / math.sqrt(d))]).double()
+    return public, raw, mirror, factor
+
+
 @functools.lru_cache(maxsize=None)
 def _public_from_raw_matrix(d: int, dp: int, device: torch.device) -> torch.Tensor:
-    """M [E, F] with public = M @ raw, for raw sums that are symmetric in (a, b)."""
-    E, F = feature_dim_of(d), 1 + dp + dp * dp
-    m = torch.zeros(E, F, dtype=torch.float64)
-    m[0, 0] = 1.0
-    idx = torch.arange(d)
-    m[1 + idx, 1 + idx] = d**-0.25
-    rows, cols = torch.triu_indices(d, d)
-    pairs = torch.arange(rows.numel())
-    scale = torch.where(rows == cols, 1 / math.sqrt(2 * d), 1 / math.sqrt(d)).double()
-    m[1 + d + pairs, 1 + dp + rows * dp + cols] = scale
+    """M [E, F] with public = M @ raw."""
+    public, raw, _, factor = _correspondence(d, dp)
+    m = torch.zeros(feature_dim_of(d), 1 + dp + dp * dp, dtype=torch.float64)
+    m[public, raw] = factor
     return m.to(device)
 
 
 @functools.lru_cache(maxsize=None)
 def _raw_from_public_matrix(d: int, dp: int, device: torch.device) -> torch.Tensor:
     """N [F, E] with raw = N @ public: both (a, b) and (b, a) rows get the pair's sum, padding stays 0."""
-    E, F = feature_dim_of(d), 1 + dp + dp * dp
-    n = torch.zeros(F, E, dtype=torch.float64)
-    n[0, 0] = 1.0
-    idx = torch.arange(d)
-    n[1 + idx, 1 + idx] = d**0.25
-    rows, cols = torch.triu_indices(d, d)
-    pairs = torch.arange(rows.numel())
-    scale = torch.where(rows == cols, math.sqrt(2 * d), math.sqrt(d)).double()
-    n[1 + dp + rows * dp + cols, 1 + d + pairs] = scale
-    n[1 + dp + cols * dp + rows, 1 + d + pairs] = scale
+    public, raw, mirror, factor = _correspondence(d, dp)
+    n = torch.zeros(1 + dp + dp * dp, feature_dim_of(d), dtype=torch.float64)
+    n[raw, public] = 1 / factor
+    n[mirror, public] = 1 / factor
     return n.to(device)
 
 
