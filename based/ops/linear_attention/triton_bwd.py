@@ -25,6 +25,18 @@ from based.ops.linear_attention.triton_common import (
 )
 
 
+@triton.jit
+def _load_output_grads(p_do, den, w, i_bh, T, o_t, m_t, stride_dt, o_v, m_v, stride_dd, BT: tl.constexpr,
+                       NORMALIZE: tl.constexpr):
+    """A chunk's g = do / den [BT, BV] and w [BT] (do and 0 without normalisation)."""
+    b_g = load_tile(p_do, o_t, m_t, stride_dt, o_v, m_v, stride_dd)
+    b_w = tl.zeros([BT], dtype=tl.float32)
+    if NORMALIZE:
+        b_g = b_g / tl.load(den + i_bh * T + o_t, mask=m_t, other=1.0)[:, None]
+        b_w = tl.load(w + i_bh * T + o_t, mask=m_t, other=0.0)
+    return b_g, b_w
+
+
 @triton.jit(do_not_specialize=["T", "DV", "SEG"])
 def _dq_kernel(
     q, k, v, do, den, w, dq, state_in, z_in,
@@ -53,12 +65,9 @@ def _dq_kernel(
         o_t = t0 + tl.arange(0, BT)
         m_t = o_t < T
         b_q = load_tile(p_q, o_t, m_t, stride_qt, o_d, m_d, stride_qd) * scale
-        b_g = load_tile(p_do, o_t, m_t, stride_dt, o_v, m_v, stride_dd)
-        b_w = tl.zeros([BT], dtype=tl.float32)
-        if NORMALIZE:
-            b_g = b_g / tl.load(den + i_bh * T + o_t, mask=m_t, other=1.0)[:, None]
-            if i_v == 0:  # w_i enters once, not once per value block
-                b_w = tl.load(w + i_bh * T + o_t, mask=m_t, other=0.0)
+        b_g, b_w = _load_output_grads(p_do, den, w, i_bh, T, o_t, m_t, stride_dt, o_v, m_v, stride_dd, BT,
+                                      NORMALIZE)
+        b_w = tl.where(i_v == 0, b_w, 0.0)  # w_i enters once, not once per value block
         b_dq = grad_from_state(b_q, b_g, b_w, b_s1, b_s2, b_z1, b_z2, BT, DP, DOT_DTYPE, PRECISION)
         if CAUSAL:
             b_k = load_tile(p_k, o_t, m_t, stride_kt, o_d, m_d, stride_kd)
@@ -114,11 +123,8 @@ def _dkdv_kernel(
         b_dk = grad_from_state(b_k, b_v, b_key_w, b_r1, b_r2, b_y1, b_y2, BT, DP, DOT_DTYPE, PRECISION)
         if CAUSAL:
             b_q = load_tile(p_q, o_t, m_t, stride_qt, o_d, m_d, stride_qd) * scale
-            b_g = load_tile(p_do, o_t, m_t, stride_dt, o_v, m_v, stride_dd)
-            b_w = tl.zeros([BT], dtype=tl.float32)
-            if NORMALIZE:
-                b_g = b_g / tl.load(den + i_bh * T + o_t, mask=m_t, other=1.0)[:, None]
-                b_w = tl.load(w + i_bh * T + o_t, mask=m_t, other=0.0)
+            b_g, b_w = _load_output_grads(p_do, den, w, i_bh, T, o_t, m_t, stride_dt, o_v, m_v, stride_dd, BT,
+                                          NORMALIZE)
             # Queries of this chunk: [i, j] = (query i, key j), kept where i >= j.
             m_causal = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]
             b_s = mm(b_q, tl.trans(b_k), DOT_DTYPE, PRECISION)
