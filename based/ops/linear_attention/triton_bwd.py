@@ -198,11 +198,7 @@ def backward(q, k, v, o, do, den, state0, z0, d_state, d_z, causal: bool, normal
         # The backward's rows: x = q / sqrt(d), u = do / den, w; the den / w views are [B, T, H]-strided.
         den_v = den.reshape(B, H, T).transpose(1, 2) if normalize else None
         w_v = w.reshape(B, H, T).transpose(1, 2) if normalize else None
-        if normalize:
-            seg_r, seg_y = launch.segment_sums(q, do, scale, den_v, w_v)
-        else:
-            seg_r, seg_y = launch.segment_sums(q, do, scale)
-            seg_y.zero_()  # w = 0 without normalisation (the kernel counted w = 1)
+        seg_r, seg_y = launch.segment_sums(q, do, scale, den_v, w_v, count_rows=False)
         r_in = segment_starts(r_init, seg_r, causal, reverse=True)
         y_in = segment_starts(y_init, seg_y, causal, reverse=True)
 

@@ -134,10 +134,11 @@ def _segment_sums_kernel(
     stride_ub, stride_ut, stride_uh, stride_ud,
     stride_nb, stride_nt, stride_nh,
     H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-    ROW_SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    ROW_WEIGHTS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Raw sums of one segment's rows into seg_state/seg_z[b*h, segment]: x = x_scale * x,
-    u = u / den and w from `w` when ROW_SCALED (the backward), else u as is and w = 1."""
+    """Raw sums of one segment's rows into seg_state/seg_z[b*h, segment], x = x_scale * x. ROW_WEIGHTS says
+    what u and w are: "ones" (the forward's keys: u as is, w = 1), "zeros" (u as is, w = 0) or "loaded"
+    (the backward's queries: u / den, w from `w`)."""
     i_v, i_b, i_h, i_bh, i_s, o_v, m_v = program_coords(DV, H, BV)
     o_d = tl.arange(0, DP)
     m_d = o_d < D
@@ -155,12 +156,14 @@ def _segment_sums_kernel(
         m_t = o_t < T
         b_x = load_tile(p_x, o_t, m_t, stride_xt, o_d, m_d, stride_xd) * x_scale
         b_u = load_tile(p_u, o_t, m_t, stride_ut, o_v, m_v, stride_ud)
-        if ROW_SCALED:
+        if ROW_WEIGHTS == "loaded":
             o_n = i_b * stride_nb + o_t * stride_nt + i_h * stride_nh
             b_u = b_u / tl.load(den + o_n, mask=m_t, other=1.0)[:, None]
             b_w = tl.load(w + o_n, mask=m_t, other=0.0)
-        else:
+        elif ROW_WEIGHTS == "ones":
             b_w = m_t.to(tl.float32)
+        else:
+            b_w = tl.zeros([BT], dtype=tl.float32)
         b_s0, b_s1, b_s2, b_z0, b_z1, b_z2 = add_rows(b_x, b_u, b_w, b_s0, b_s1, b_s2, b_z0, b_z1, b_z2,
                                                       BT, DP, DOT_DTYPE, PRECISION)
     F = 1 + DP + DP * DP
@@ -228,8 +231,9 @@ class Launch:
         return (torch.zeros(self.B * self.H, 1, self.F, self.DV, **f32),
                 torch.zeros(self.B * self.H, 1, self.F, **f32))
 
-    def segment_sums(self, x, u, x_scale=1.0, den=None, w=None):
-        """Per-segment raw sums [B*H, NS, F, DV] and [B*H, NS, F] (see `_segment_sums_kernel`)."""
+    def segment_sums(self, x, u, x_scale=1.0, den=None, w=None, count_rows=True):
+        """Per-segment raw sums [B*H, NS, F, DV] and [B*H, NS, F] (see `_segment_sums_kernel`): rows weighted
+        by `w` with u divided by `den` when given, else by 1 (count_rows) or 0."""
         f32 = dict(device=x.device, dtype=torch.float32)
         seg_state = torch.empty(self.B * self.H, self.NS, self.F, self.DV, **f32)
         seg_z = torch.empty(self.B * self.H, self.NS, self.F, **f32)
@@ -238,7 +242,7 @@ class Launch:
         _segment_sums_kernel[self.grid](
             x, u, den if row_scaled else x, w if row_scaled else x, seg_state, seg_z,
             self.T, self.DV, self.SEG, self.NS, x_scale, *x.stride(), *u.stride(), *den_strides,
-            ROW_SCALED=row_scaled, **self.constexprs)
+            ROW_WEIGHTS="loaded" if row_scaled else ("ones" if count_rows else "zeros"), **self.constexprs)
         return seg_state, seg_z
 
 
