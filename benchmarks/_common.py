@@ -114,3 +114,37 @@ def attention_kernel(device: torch.device, dtype: torch.dtype) -> str:
     from based.models.transformer import attention_backend_name
 
     return attention_backend_name(device, dtype)
+
+
+def fa2_causal():
+    """(name, fn): FlashAttention-2 causal attention on [B, T, H, D] tensors, from flash_attn when importable,
+    else PyTorch SDPA's FLASH_ATTENTION backend (the same FlashAttention-2 code)."""
+    try:
+        from flash_attn import flash_attn_func
+
+        return "flash_attn", lambda q, k, v: flash_attn_func(q, k, v, causal=True)
+    except ImportError:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.functional import scaled_dot_product_attention
+
+        def sdpa(q, k, v):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                    is_causal=True).transpose(1, 2)
+
+        return "SDPA-flash", sdpa
+
+
+def gpu_ms(fn, inputs, *, backward: bool) -> float:
+    """Median GPU time (CUDA events, `triton.testing.do_bench`) of `fn(*inputs)`, with a backward pass of a
+    random output gradient when `backward`."""
+    import triton.testing
+
+    grad = torch.randn_like(fn(*inputs)) if backward else None
+
+    def run():
+        out = fn(*inputs)
+        if backward:
+            out.backward(grad)
+
+    return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")

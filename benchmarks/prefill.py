@@ -16,7 +16,7 @@ import argparse
 import sys
 
 import torch
-from _common import DTYPES, banner, check_out_path, environment, format_table, write_results
+from _common import DTYPES, banner, check_out_path, environment, fa2_causal, format_table, gpu_ms, write_results
 
 from based.ops import linear_attention
 
@@ -28,23 +28,6 @@ def flops_per_token_head(d: int, dv: int, chunk: int = 64) -> float:
     return 2 * chunk * d + 2 * chunk * dv + 2 * 2 * features * dv
 
 
-def fa2_forward(dtype):
-    try:
-        from flash_attn import flash_attn_func
-
-        return "flash_attn", lambda q, k, v: flash_attn_func(q, k, v, causal=True)
-    except ImportError:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        from torch.nn.functional import scaled_dot_product_attention
-
-        def sdpa(q, k, v):
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                    is_causal=True).transpose(1, 2)
-
-        return "SDPA-flash", sdpa
-
-
 def fla_kernels():
     try:
         from fla.ops.based import fused_chunk_based, parallel_based
@@ -52,18 +35,6 @@ def fla_kernels():
         return {}
     # fla takes [B, T, H, d] in 0.6 (head_first=False is its default layout).
     return {"fla parallel": parallel_based, "fla fused_chunk": fused_chunk_based}
-
-
-def bench(fn, backward: bool, inputs):
-    import triton.testing
-
-    def run():
-        out = fn(*inputs)
-        if backward:
-            out.backward(grad)
-
-    grad = torch.randn_like(fn(*inputs)) if backward else None
-    return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
 
 
 def peak_memory_mb(fn, inputs) -> float:
@@ -105,7 +76,7 @@ def main(argv=None) -> int:
     device, dtype = torch.device("cuda"), DTYPES[args.dtype]
     env = environment(device)
     B, H, d, dv = args.batch, args.heads, args.feature_dim, args.value_dim
-    fa2_name, fa2 = fa2_forward(dtype)
+    fa2_name, fa2 = fa2_causal()
     fla = fla_kernels()
     bandwidth, matmul_rate = ceilings()
     print(banner(env))
@@ -123,8 +94,8 @@ def main(argv=None) -> int:
         row = {"T": T}
         for name, fn, inputs in [("based", ours, qkv), (fa2_name, fa2, fa2_qkv)] + [
                 (name, fn, qkv) for name, fn in fla.items()]:
-            row[f"{name} fwd ms"] = bench(fn, False, inputs)
-            row[f"{name} fwd+bwd ms"] = bench(fn, True, inputs)
+            row[f"{name} fwd ms"] = gpu_ms(fn, inputs, backward=False)
+            row[f"{name} fwd+bwd ms"] = gpu_ms(fn, inputs, backward=True)
         row["based peak MB"] = peak_memory_mb(ours, qkv)
         row["FA2/based fwd"] = row[f"{fa2_name} fwd ms"] / row["based fwd ms"]
         row["FA2/based fwd+bwd"] = row[f"{fa2_name} fwd+bwd ms"] / row["based fwd+bwd ms"]

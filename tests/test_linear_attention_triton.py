@@ -17,14 +17,7 @@ from tests.test_linear_attention import quadratic_reference, random_qkv, state_r
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 pytest.importorskip("triton")
-
-
-@pytest.fixture(autouse=True)
-def nan_filled_allocations():
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(False)
+pytestmark = pytest.mark.usefixtures("nan_filled_allocations")
 
 
 def check_against_reference(B, T, H, d, dv, dtype, causal, normalize, with_state, device):

@@ -25,8 +25,8 @@ def full_reference(q, k, v, window, scale=None):
     v = v.repeat_interleave(H // Hkv, dim=2)
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
-    p = torch.arange(Tq)[:, None] + Tk - Tq
-    j = torch.arange(Tk)[None, :]
+    p = torch.arange(Tq, device=q.device)[:, None] + Tk - Tq
+    j = torch.arange(Tk, device=q.device)[None, :]
     s = s.masked_fill(~((j <= p) & (j > p - window)), float("-inf"))
     return torch.einsum("bhij,bjhd->bihd", s.softmax(-1), v)
 

@@ -6,7 +6,7 @@ from numbers import Real
 
 import torch
 
-from based.ops._backend import resolve_backend
+from based.ops._backend import resolve_backend, triton_available
 from based.ops._validate import check_positive_int, check_same_device, check_tensor
 from based.ops.sliding_window.cache import WindowCache, check_kv, check_position, check_window_cache
 from based.ops.sliding_window.reference import sliding_window_attention_step_torch, sliding_window_attention_torch
@@ -26,16 +26,17 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             (fp64 on the torch backend), one dtype for all three. Any lengths.
         window: int >= 1. The released checkpoints' flash-attn `window_size=(w//2, 0)` is `w//2 + 1` here.
         scale: score scale, `1/sqrt(D)` when None.
-        backend: "auto" or "torch"; see `based.ops`.
+        backend: "auto", "torch" or "triton" (fp16/bf16/fp32; the default on CUDA); see `based.ops`.
 
     Returns:
-        `o` `[B, Tq, H, Dv]` in q's dtype, computed in fp32 (fp64 for fp64 inputs).
-    Differentiable in q, k, v. Memory O(T * window), never O(Tq * Tk).
+        `o` `[B, Tq, H, Dv]` in q's dtype, accumulated in fp32 (fp64 for fp64 inputs on the torch backend).
+    Differentiable in q, k, v. Memory O(T * window), never O(Tq * Tk); the Triton kernels skip key blocks
+    outside the window, so time is O(T * window) too.
     """
     check_qkv(q, k, v, seq_dim=True)
     check_positive_int("window", window)
     scale = _resolve_scale(scale, q)
-    impl = resolve_backend("sliding_window_attention", backend, q.device, {"torch": sliding_window_attention_torch})
+    impl = resolve_backend("sliding_window_attention", backend, q.device, _implementations(parallel=True))
     return impl(q, k, v, window, scale)
 
 
@@ -55,6 +56,7 @@ def sliding_window_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
             reads its value on the host, so the step can be captured in a CUDA graph and replayed with
             `pos` updated in place.
         scale: `1/sqrt(D)` when None.
+        backend: "auto", "torch" or "triton" (one fused launch: ring write + attention).
 
     Returns:
         `o` `[B, H, Dv]` in q's dtype.
@@ -63,9 +65,18 @@ def sliding_window_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     check_window_cache(cache, k, v)
     check_position(pos, cache, allow_tensor=True)
     scale = _resolve_scale(scale, q)
-    impl = resolve_backend("sliding_window_attention_step", backend, q.device,
-                           {"torch": sliding_window_attention_step_torch})
+    impl = resolve_backend("sliding_window_attention_step", backend, q.device, _implementations(parallel=False))
     return impl(q, k, v, cache, pos, scale)
+
+
+def _implementations(parallel: bool):
+    impls = {"torch": sliding_window_attention_torch if parallel else sliding_window_attention_step_torch}
+    if triton_available():
+        from based.ops.sliding_window import triton_op  # noqa: PLC0415 (needs triton)
+
+        impls["triton"] = (triton_op.sliding_window_attention_triton if parallel
+                           else triton_op.sliding_window_attention_step_triton)
+    return impls
 
 
 def check_qkv(q, k, v, *, seq_dim: bool) -> None:
