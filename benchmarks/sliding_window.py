@@ -121,15 +121,22 @@ def tune(B, H, D, dtype):
     T, window = 8192, 129
     qkv = [torch.randn(B, T, H, D, device="cuda", dtype=dtype).requires_grad_() for _ in range(3)]
     fn = lambda q, k, v: sliding_window_attention(q, k, v, window=window)  # noqa: E731
-    shapes = [(64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 1), (64, 128, 4, 2), (64, 128, 8, 2), (64, 64, 8, 3),
-              (32, 32, 2, 2), (128, 64, 8, 2)]
+    shapes = [(64, 64, 4, 3, 120), (64, 64, 4, 3, None), (64, 32, 4, 3, 80), (64, 32, 4, 3, None),
+              (128, 64, 8, 3, None), (64, 64, 4, 2, 120)]
     rows = []
-    default = triton_fwd.FWD_BLOCK_M, triton_fwd.FWD_BLOCK_N, triton_fwd.FWD_WARPS, triton_fwd.FWD_STAGES
+
+    def set_forward(shape):
+        (triton_fwd.FWD_BLOCK_M, triton_fwd.FWD_BLOCK_N, triton_fwd.FWD_WARPS, triton_fwd.FWD_STAGES,
+         triton_fwd.FWD_MAX_REGISTERS) = shape
+
+    default = (triton_fwd.FWD_BLOCK_M, triton_fwd.FWD_BLOCK_N, triton_fwd.FWD_WARPS, triton_fwd.FWD_STAGES,
+               triton_fwd.FWD_MAX_REGISTERS)
     for shape in shapes:
-        triton_fwd.FWD_BLOCK_M, triton_fwd.FWD_BLOCK_N, triton_fwd.FWD_WARPS, triton_fwd.FWD_STAGES = shape
-        rows.append({"kernel": "fwd", "BM, BN, warps, stages": shape, "ms": gpu_ms(fn, qkv, backward=False)})
+        set_forward(shape)
+        rows.append({"kernel": "fwd", "BM, BN, warps, stages, max registers": shape,
+                     "ms": gpu_ms(fn, qkv, backward=False)})
         print(rows[-1], flush=True)
-    triton_fwd.FWD_BLOCK_M, triton_fwd.FWD_BLOCK_N, triton_fwd.FWD_WARPS, triton_fwd.FWD_STAGES = default
+    set_forward(default)
     fwd_only = gpu_ms(fn, qkv, backward=False)
     for dq_shape in [(64, 64, 4, 2), (64, 64, 4, 1), (64, 32, 4, 2)]:
         for dkdv_shape in [(64, 64, 4, 1), (64, 32, 4, 2), (32, 32, 2, 2)]:
@@ -137,7 +144,7 @@ def tune(B, H, D, dtype):
             (triton_bwd.DKDV_BLOCK_M, triton_bwd.DKDV_BLOCK_N, triton_bwd.DKDV_WARPS,
              triton_bwd.DKDV_STAGES) = dkdv_shape
             both = gpu_ms(fn, qkv, backward=True)
-            rows.append({"kernel": f"bwd dq {dq_shape} dkdv", "BM, BN, warps, stages": dkdv_shape,
+            rows.append({"kernel": f"bwd dq {dq_shape} dkdv", "BM, BN, warps, stages, max registers": dkdv_shape,
                          "ms": both - fwd_only})
             print(rows[-1], flush=True)
     return rows

@@ -25,12 +25,15 @@ class BlockConfig:
     """Block sizes and warps of one kernel launch; the interpreter gets small fixed blocks."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int,
-                 num_warps: int, num_stages: int):
+                 num_warps: int, num_stages: int, max_registers: int | None = None):
+        """max_registers caps registers per thread for head dims <= 64 (larger tiles would spill)."""
         interpreted = q.device.type != "cuda"
         self.BM, self.BN = (16, 16) if interpreted else (block_m, block_n)
         self.BD = max(16, triton.next_power_of_2(k.shape[-1]))
         self.BDV = max(16, triton.next_power_of_2(v.shape[-1]))
         self.launch = {} if interpreted else dict(num_warps=num_warps, num_stages=num_stages)
+        if not interpreted and max_registers is not None and max(self.BD, self.BDV) <= 64:
+            self.launch["maxnreg"] = max_registers
         self.DOT_DTYPE, self.PRECISION = operand_config(q.dtype, q.device)
 
 
