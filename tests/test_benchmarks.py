@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,3 +35,11 @@ def test_gen_throughput_writes_both_models(tmp_path):
 def test_gen_throughput_rejects_bad_output_path_before_running():
     result = run_script("gen_throughput.py", "--out", "results.txt")
     assert result.returncode != 0 and ".json or .csv" in result.stderr
+
+
+def test_sliding_window_benchmark_needs_a_gpu_and_checks_its_output_path():
+    result = run_script("sliding_window.py", "--out", "results.txt")
+    assert result.returncode != 0 and ".json or .csv" in result.stderr
+    if not torch.cuda.is_available():
+        result = run_script("sliding_window.py", "--seqlens", "128")
+        assert result.returncode == 1 and "no CUDA device" in result.stderr

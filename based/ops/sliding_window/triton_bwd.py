@@ -15,7 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from based.ops.sliding_window.triton_common import LOG2_E, BlockConfig, band_mask, key_span, load_rows, mm, store_rows
+from based.ops.sliding_window.triton_common import (
+    LOG2_E, BlockConfig, band_mask, head_columns, key_span, load_rows, mm, query_block, query_positions,
+    store_rows,
+)
 
 # Launch shapes on GPUs (benchmarks/sliding_window.py --tune).
 DQ_BLOCK_M, DQ_BLOCK_N, DQ_WARPS, DQ_STAGES = 64, 64, 4, 2
@@ -43,14 +46,8 @@ def _dq_kernel(
     BD: tl.constexpr, BDV: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dq and delta of BM queries of one head."""
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_hk = i_h // G
-    o_m = i_m * BM + tl.arange(0, BM)
-    m_m = o_m < Tq
-    p_m = o_m + Tk - Tq
-    o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
-    m_d, m_dv = o_d < D, o_dv < DV
+    i_b, i_h, i_hk, i_bh, o_m, m_m, p_m = query_block(Tq, Tk, H, G, BM)
+    o_d, o_dv, m_d, m_dv = head_columns(D, DV, BD, BDV)
     p_k = k + i_b * stride_kb + i_hk * stride_kh
     p_v = v + i_b * stride_vb + i_hk * stride_vh
 
@@ -61,7 +58,8 @@ def _dq_kernel(
     tl.store(delta + i_bh * Tq + o_m, b_delta, mask=m_m)
     b_lse = tl.load(lse + i_bh * Tq + o_m, mask=m_m, other=0.0)
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
-    lo, hi = key_span(i_m * BM + Tk - Tq, tl.minimum((i_m + 1) * BM, Tq) - 1 + Tk - Tq, window, BN)
+    first_pos, last_pos = query_positions(Tq, Tk, BM)
+    lo, hi = key_span(first_pos, last_pos, window, BN)
     for j0 in range(lo, hi, BN):
         o_n = j0 + tl.arange(0, BN)
         m_n = o_n < Tk
@@ -91,8 +89,7 @@ def _dkdv_kernel(
     i_b, i_hk = i_bhk // Hkv, i_bhk % Hkv
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < Tk
-    o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
-    m_d, m_dv = o_d < D, o_dv < DV
+    o_d, o_dv, m_d, m_dv = head_columns(D, DV, BD, BDV)
     b_k = load_rows(k + i_b * stride_kb + i_hk * stride_kh, o_n, m_n, stride_kt, o_d, m_d, stride_kd)
     b_v = load_rows(v + i_b * stride_vb + i_hk * stride_vh, o_n, m_n, stride_vt, o_dv, m_dv, stride_vd)
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)

@@ -47,6 +47,28 @@ def operand_config(dtype: torch.dtype, device: torch.device):
 
 
 @triton.jit
+def query_block(Tq, Tk, H: tl.constexpr, G: tl.constexpr, BM: tl.constexpr):
+    """This program's batch, query head, kv head, batch*head, query rows, their mask and key positions."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    o_m = i_m * BM + tl.arange(0, BM)
+    return i_bh // H, i_bh % H, (i_bh % H) // G, i_bh, o_m, o_m < Tq, o_m + Tk - Tq
+
+
+@triton.jit
+def query_positions(Tq, Tk, BM: tl.constexpr):
+    """Key positions of this program's first and last real query."""
+    i_m = tl.program_id(0)
+    return i_m * BM + Tk - Tq, tl.minimum((i_m + 1) * BM, Tq) - 1 + Tk - Tq
+
+
+@triton.jit
+def head_columns(D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+    """Column offsets and masks of the key/query head dim and of the value head dim."""
+    o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
+    return o_d, o_dv, o_d < D, o_dv < DV
+
+
+@triton.jit
 def band_mask(p_m, m_m, o_n, Tk, window):
     """[BM, BN]: query (key position p_m, valid m_m) sees key o_n."""
     return ((o_n[None, :] <= p_m[:, None]) & (o_n[None, :] > p_m[:, None] - window) & (o_n < Tk)[None, :]

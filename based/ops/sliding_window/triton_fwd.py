@@ -5,7 +5,9 @@ import torch
 import triton
 import triton.language as tl
 
-from based.ops.sliding_window.triton_common import LOG2_E, BlockConfig, key_span, load_rows, mm, store_rows
+from based.ops.sliding_window.triton_common import (
+    LOG2_E, BlockConfig, head_columns, key_span, load_rows, mm, query_block, query_positions, store_rows,
+)
 
 # Launch shape on GPUs (benchmarks/sliding_window.py --tune): queries and keys per block, warps, stages, and
 # a register cap. The cap matters: uncapped, Triton 3.6 takes 128-131 registers, and past 128 only three
@@ -25,14 +27,8 @@ def _forward_kernel(
     BD: tl.constexpr, BDV: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """o and lse of BM queries of one head: an online softmax over the key blocks meeting their band."""
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_hk = i_h // G
-    o_m = i_m * BM + tl.arange(0, BM)
-    m_m = o_m < Tq
-    p_m = o_m + Tk - Tq  # the queries' key positions
-    o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
-    m_d, m_dv = o_d < D, o_dv < DV
+    i_b, i_h, i_hk, i_bh, o_m, m_m, p_m = query_block(Tq, Tk, H, G, BM)
+    o_d, o_dv, m_d, m_dv = head_columns(D, DV, BD, BDV)
     p_q = q + i_b * stride_qb + i_h * stride_qh
     p_k = k + i_b * stride_kb + i_hk * stride_kh
     p_v = v + i_b * stride_vb + i_hk * stride_vh
@@ -44,8 +40,7 @@ def _forward_kernel(
     b_max = tl.full([BM], -1e30, dtype=tl.float32)
     b_sum = tl.zeros([BM], dtype=tl.float32)
     b_acc = tl.zeros([BM, BDV], dtype=tl.float32)
-    first_pos = i_m * BM + Tk - Tq
-    last_pos = tl.minimum((i_m + 1) * BM, Tq) - 1 + Tk - Tq
+    first_pos, last_pos = query_positions(Tq, Tk, BM)
     lo, hi = key_span(first_pos, last_pos, window, BN)
     for j0 in range(lo, hi, BN):
         o_n = j0 + tl.arange(0, BN)
