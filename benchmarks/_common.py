@@ -84,10 +84,12 @@ def median_seconds(fn: Callable[[], object], device: torch.device, *, warmup: in
     return statistics.median(times)
 
 
-def write_results(path: str, rows: list[dict], env: dict[str, str]) -> None:
-    """`rows` (dicts with the same keys) to `path`: JSON with the environment, or CSV; see `check_out_path`."""
+def write_results(path: str, rows: list[dict], env: dict[str, str], summary: dict | None = None) -> None:
+    """`rows` (dicts with the same keys) to `path`: JSON with the environment (and `summary`), or CSV of the
+    rows alone; see `check_out_path`."""
     if Path(path).suffix.lower() == ".json":
-        Path(path).write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
+        document = {"environment": env, "results": rows, **({"summary": summary} if summary else {})}
+        Path(path).write_text(json.dumps(document, indent=2) + "\n")
         return
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -148,3 +150,22 @@ def gpu_ms(fn, inputs, *, backward: bool) -> float:
             out.backward(grad)
 
     return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Measured device-to-device copy bandwidth: bytes read + written per second (1 GiB buffers)."""
+    import triton.testing
+
+    x = torch.empty(2**30 // 2, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    copy_ms = triton.testing.do_bench(lambda: y.copy_(x), return_mode="median")
+    return 2 * x.numel() * 2 / (copy_ms * 1e-3)
+
+
+def ceilings():
+    """Measured copy bandwidth (bytes read + written per second) and bf16 matmul rate (FLOP/s)."""
+    import triton.testing
+
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    mm_ms = triton.testing.do_bench(lambda: a @ a, return_mode="median")
+    return copy_bandwidth(), 2 * 8192**3 / (mm_ms * 1e-3)

@@ -16,7 +16,9 @@ import argparse
 import sys
 
 import torch
-from _common import DTYPES, banner, check_out_path, environment, fa2_causal, format_table, gpu_ms, write_results
+from _common import (
+    DTYPES, banner, ceilings, check_out_path, environment, fa2_causal, format_table, gpu_ms, write_results,
+)
 
 from based.ops import linear_attention
 
@@ -45,18 +47,6 @@ def peak_memory_mb(fn, inputs) -> float:
     out.backward(torch.ones_like(out))
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def ceilings():
-    """Measured device-to-device copy bandwidth (bytes read + written per second) and bf16 matmul rate."""
-    import triton.testing
-
-    x = torch.empty(2**30 // 2, dtype=torch.bfloat16, device="cuda")
-    y = torch.empty_like(x)
-    copy_ms = triton.testing.do_bench(lambda: y.copy_(x), return_mode="median")
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    mm_ms = triton.testing.do_bench(lambda: a @ a, return_mode="median")
-    return 2 * x.numel() * 2 / (copy_ms * 1e-3), 2 * 8192**3 / (mm_ms * 1e-3)
 
 
 def main(argv=None) -> int:

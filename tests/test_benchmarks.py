@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,9 +38,10 @@ def test_gen_throughput_rejects_bad_output_path_before_running():
     assert result.returncode != 0 and ".json or .csv" in result.stderr
 
 
-def test_sliding_window_benchmark_needs_a_gpu_and_checks_its_output_path():
-    result = run_script("sliding_window.py", "--out", "results.txt")
+@pytest.mark.parametrize("script", ["sliding_window.py", "decode.py"])
+def test_gpu_benchmarks_check_their_output_path_and_need_a_gpu(script):
+    result = run_script(script, "--out", "results.txt")
     assert result.returncode != 0 and ".json or .csv" in result.stderr
     if not torch.cuda.is_available():
-        result = run_script("sliding_window.py", "--seqlens", "128")
+        result = run_script(script)
         assert result.returncode == 1 and "no CUDA device" in result.stderr

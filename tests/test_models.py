@@ -128,6 +128,20 @@ def test_cached_decoding_matches_parallel_forward(kind, chunking):
     assert_close(torch.cat(logits, dim=1), expected, torch.float32, f"{kind}, {chunking}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", TINY)
+@torch.no_grad()
+def test_gpu_bfloat16_decoding_matches_parallel_forward(kind):
+    """On CUDA every decode kernel runs: Triton linear-attention, sliding-window and conv steps for Based,
+    the variable-length FlashAttention-2 decode for the Transformer (d_model 128 gives head dim 32)."""
+    model = tiny_model(kind, d_model=128).to("cuda", torch.bfloat16)
+    input_ids = torch.randint(0, VOCAB, (3, 40), device="cuda")
+    cache = model.new_cache(3, 48)
+    logits = [model(input_ids[:, :9], cache=cache)] + [model(input_ids[:, t:t + 1], cache=cache)
+                                                        for t in range(9, 40)]
+    assert_close(torch.cat(logits, dim=1), model(input_ids), torch.bfloat16, kind)
+
+
 @torch.no_grad()
 def test_based_model_of_only_base_conv_layers_and_wide_window():
     for overrides in (dict(linear_attention_layers=(), sliding_window_layers=()), dict(window=1000)):

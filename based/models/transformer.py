@@ -36,8 +36,8 @@ def attention_backend_name(device, dtype: torch.dtype) -> str:
     """The attention kernel `Transformer` runs for tensors of this device and dtype.
 
     "flash_attn": FlashAttention-2 from the `flash_attn` package (prefill and decode);
-    "SDPA-flash": PyTorch SDPA's flash kernel (the decode step, which needs a mask over the static
-                  cache, runs SDPA's memory-efficient kernel);
+    "SDPA-flash": PyTorch's built-in FlashAttention-2 kernel: SDPA's flash backend for prompts, and for
+                  decode steps the same kernel called in its variable-length form (`_flash_decode`);
     "math":       anything else (CPU, fp32, or a GPU without SDPA's flash kernel).
     """
     device = torch.device(device)
@@ -125,10 +125,13 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: K
         return _flash_attn().flash_attn_with_kvcache(q, cache.k, cache.v, k=k, v=v, cache_seqlens=seqlens,
                                                      causal=True)
     if T == 1:
-        # Decode step: write row `position` and attend over the whole static cache with the rows not yet
-        # written masked out. No host read of the position, so the step can be captured in a CUDA graph.
+        # Decode step: write row `position`, then attend over the rows written so far. No host read of the
+        # position, so the step can be captured in a CUDA graph.
         cache.k.index_copy_(1, cache.position.view(1), k)
         cache.v.index_copy_(1, cache.position.view(1), v)
+        if attention_backend_name(q.device, q.dtype) == "SDPA-flash":
+            return _flash_decode(q, cache)
+        # Elsewhere (CPU, fp32): the whole static cache with the unwritten rows masked out.
         visible = (torch.arange(cache.k.shape[1], device=q.device) <= cache.position).view(1, 1, 1, -1)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k.transpose(1, 2), cache.v.transpose(1, 2),
                                            attn_mask=visible)
@@ -139,6 +142,22 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: K
     cache.k[:, start:start + T] = k
     cache.v[:, start:start + T] = v
     return causal_attention(q, cache.k[:, :start + T], cache.v[:, :start + T])
+
+
+def _flash_decode(q: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One query per sequence over the first `position + 1` rows of its static cache, through PyTorch's
+    FlashAttention-2 kernel in variable-length form: the cache is B packed sequences of max_seqlen keys and
+    `seqused_k` (on the device) says how many of each are used, so the step reads only the written rows
+    and keeps static shapes (CUDA-graph safe). SDPA's own entry point would need a mask over the whole
+    cache, which sends it to a slower kernel that reads every row."""
+    B, _, H, D = q.shape
+    L = cache.k.shape[1]
+    starts = torch.arange(B + 1, device=q.device, dtype=torch.int32)
+    used = (cache.position + 1).to(torch.int32).expand(B).contiguous()
+    o = torch.ops.aten._flash_attention_forward(
+        q.reshape(B, H, D), cache.k.view(B * L, H, D), cache.v.view(B * L, H, D), starts, starts * L, 1, L,
+        0.0, False, False, seqused_k=used)[0]
+    return o.view(B, 1, H, D)
 
 
 class Transformer(CausalLM):

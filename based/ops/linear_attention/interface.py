@@ -69,14 +69,32 @@ def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sta
     Args:
         q, k: `[B, H, d]`; v: `[B, H, dv]`; fp16, bf16, fp32 (fp64 on the torch backend).
         state: `LinearAttentionState` (kv `[B, H, E, dv]`, ksum `[B, H, E]`, fp32 or fp64), updated in place.
+        backend: "auto" (a fused kernel on CUDA for fp16/bf16/fp32 inputs with an fp32 state whose value dim
+            has unit stride, else the reference), "torch", "triton" or "cuda" (`based._C`). The fused kernels
+            read and write the state once and never sync with the host (CUDA-graph safe).
 
     Returns:
         `o` `[B, H, dv]` in v's dtype.
     """
     _check_qkv(q, k, v, seq_dim=False)
     _check_state(state, q, v)
-    impl = resolve_backend("linear_attention_step", backend, q.device, {"torch": linear_attention_step_torch})
+    if backend == "auto" and not _step_kernels_support(q, state):
+        backend = "torch"
+    impl = resolve_backend("linear_attention_step", backend, q.device, _step_implementations())
     return impl(q, k, v, state, normalize, eps)
+
+
+def _step_kernels_support(q: torch.Tensor, state: LinearAttentionState) -> bool:
+    return q.dtype in KERNEL_DTYPES and state.kv.dtype == torch.float32 and state.kv.stride(-1) == 1
+
+
+def _step_implementations():
+    impls = {"torch": linear_attention_step_torch}
+    if triton_available():
+        from based.ops.linear_attention.triton_step import linear_attention_step_triton  # noqa: PLC0415
+
+        impls["triton"] = linear_attention_step_triton
+    return impls
 
 
 def _check_qkv(q, k, v, *, seq_dim: bool) -> None:
