@@ -3,7 +3,9 @@
 `generate` runs the prompt through the model once (prefill), filling preallocated static caches, then
 decodes one token per step. On a GPU the decode step is captured in a CUDA graph after a short eager
 warm-up and replayed for every later token: the step's inputs are a static token buffer and the
-caches' on-device position tensors, so replaying it needs no Python and no host-device sync.
+caches' on-device position tensors, so replaying it needs no Python and no host-device sync. The graph and
+its caches are kept on the model for the next call with the same batch size and length (the caches are
+zeroed in place, so the graph's addresses stay valid); a call with another shape replaces them.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 from numbers import Real
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 # Eager decode steps before capture: they run on a side stream, as the CUDA graph documentation asks,
 # so lazy one-time initialisation (library handles, workspaces) happens outside the capture.
@@ -74,18 +77,38 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
     tokens[:, :T] = input_ids
     if max_new_tokens == 0:
         return tokens
-    cache = model.new_cache(B, T + max_new_tokens)
+    cache, decode_step = _decode_state(model, B, T + max_new_tokens, use_graph)
     bar = _progress_bar(max_new_tokens, progress)
     token = sample(model(input_ids, cache=cache)[:, -1])
     tokens[:, T] = token
     bar.update()
-    decode_step = DecodeStep(model, cache, use_graph)
     for i in range(1, max_new_tokens):
         token = decode_step(token, sample)
         tokens[:, T + i] = token
         bar.update()
     bar.close()
     return tokens
+
+
+def _decode_state(model, batch_size: int, max_seqlen: int, use_graph: bool):
+    """(cache, DecodeStep) for this call: a fresh pair, or with CUDA graphs the model's pair of the last call
+    of this shape with its caches zeroed, so the captured graph is replayed instead of captured again."""
+    # The graph holds raw addresses: of the caches (kept with it) and of the weights, so a model moved or
+    # cast since (new parameter tensors) must not replay it. In-place weight updates are fine.
+    key = (batch_size, max_seqlen, tuple(p.data_ptr() for p in model.parameters()))
+    kept = getattr(model, "_graph_decode", None)
+    if use_graph and kept is not None and kept[0] == key:
+        cache, decode_step = kept[1], kept[2]
+        for tensor in tree_leaves(cache.layers):
+            tensor.zero_()
+        cache.position.zero_()
+        return cache, decode_step
+    model._graph_decode = None  # free the previous shape's graph and caches before allocating new ones
+    cache = model.new_cache(batch_size, max_seqlen)
+    decode_step = DecodeStep(model, cache, use_graph)
+    if use_graph:
+        model._graph_decode = (key, cache, decode_step)
+    return cache, decode_step
 
 
 class DecodeStep:
