@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from based.nn._validate import check_cache_batch, check_hidden_states, parameter_placement
-from based.ops import causal_conv1d, causal_conv1d_step
+from based.ops import causal_conv1d, causal_conv1d_step, gated_conv1d_step
 from based.ops.linear_attention.state import accumulation_dtype
 
 
@@ -27,14 +27,18 @@ class ShortConvolution(nn.Module):
     def kernel_size(self) -> int:
         return self.conv.weight.shape[-1]
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The taps as the ops take them: `[channels, kernel_size]`, a view of the Conv1d weight."""
+        return self.conv.weight.squeeze(1)
+
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
         """`x` `[B, T, D]`; `state` `[B, D, kernel_size]` (the last inputs, oldest first) is advanced in place."""
-        weight = self.conv.weight.squeeze(1)
         if state is None:
-            return causal_conv1d(x, weight)
+            return causal_conv1d(x, self.weight)
         if x.shape[1] == 1:
-            return causal_conv1d_step(x[:, 0], state, weight)[:, None]
-        y, new_state = causal_conv1d(x, weight, initial_state=state, return_state=True)
+            return causal_conv1d_step(x[:, 0], state, self.weight)[:, None]
+        y, new_state = causal_conv1d(x, self.weight, initial_state=state, return_state=True)
         state.copy_(new_state)
         return y
 
@@ -47,7 +51,8 @@ class BaseConv(nn.Module):
     `[d_inner, 1, kernel_size]`, `out_proj` `[d_model, d_inner]`, the released names.
 
     Decoding: the cache is the last `kernel_size` conv inputs per channel, `[B, d_inner, kernel_size]`
-    fp32, from `layer.new_cache(batch_size)`.
+    fp32, from `layer.new_cache(batch_size)`. A one-token step runs conv, silu and gate as one
+    `gated_conv1d_step` (a single Triton launch on a GPU).
     """
 
     def __init__(self, d_model: int, *, expand_proj: int = 4, kernel_size: int = 3, device=None, dtype=None):
@@ -76,4 +81,8 @@ class BaseConv(nn.Module):
                                 f"got {type(cache).__name__}")
             check_cache_batch(cache.shape[0], x)
         u1, u2 = self.in_proj(x).split(self.d_inner, dim=-1)
+        if cache is not None and x.shape[1] == 1:
+            # Conv step, silu and gate in one launch on a GPU: decode runs this once per token and layer.
+            y = gated_conv1d_step(u1[:, 0], u2[:, 0], cache, self.conv.weight)
+            return self.out_proj(y[:, None])
         return self.out_proj(F.silu(self.conv(u1, cache)) * u2)

@@ -1,7 +1,7 @@
 """Ops of Based models. Each takes `backend="auto" | "torch" | "triton" | "cuda"`."""
 from based.ops.feature_map import feature_dim_of, taylor_feature_map
 from based.ops.linear_attention import LinearAttentionState, linear_attention, linear_attention_step
-from based.ops.short_conv import causal_conv1d, causal_conv1d_step
+from based.ops.short_conv import causal_conv1d, causal_conv1d_step, gated_conv1d_step
 from based.ops.sliding_window import (
     WindowCache,
     sliding_window_attention,
@@ -23,4 +23,5 @@ __all__ = [
     "window_cache_read",
     "causal_conv1d",
     "causal_conv1d_step",
+    "gated_conv1d_step",
 ]

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from based.ops._backend import resolve_backend
-from based.ops._validate import check_dims_match, check_same_device, check_shape, check_tensor
-from based.ops.short_conv.reference import causal_conv1d_step_torch, causal_conv1d_torch
+from based.ops._backend import resolve_backend, triton_available
+from based.ops._validate import KERNEL_DTYPES, check_dims_match, check_same_device, check_shape, check_tensor
+from based.ops.short_conv.reference import causal_conv1d_step_torch, causal_conv1d_torch, gated_conv1d_step_torch
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -52,16 +52,68 @@ def causal_conv1d_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.
         x: `[B, D]`, the new input. fp16, bf16, fp32 (fp64 on the torch backend).
         conv_state: `[B, D, K]`, the last K inputs, oldest first (fp32 recommended; `x` is cast to it).
         weight: `[D, K]`; bias: optional `[D]`.
+        backend: "auto" (the Triton kernel on CUDA for fp16/bf16/fp32 inputs, else the reference), "torch"
+            or "triton" (shift, write and dot product in one launch).
 
     Returns:
-        `y` `[B, D]` in x's dtype.
+        `y` `[B, D]` in x's dtype, computed in fp32 (fp64 for fp64 inputs).
     """
+    _check_step(x, conv_state, weight, bias)
+    impl = resolve_backend("causal_conv1d_step", _auto_step_backend(backend, x), x.device,
+                           _step_implementations(gated=False))
+    return impl(x, conv_state, weight, bias)
+
+
+def gated_conv1d_step(x: torch.Tensor, gate: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
+    """One decode step of BaseConv's gated short conv: `silu(causal_conv1d_step(x, ...)) * gate`.
+
+    Advances `conv_state` **in place** exactly as `causal_conv1d_step` does. No host syncs, so the step
+    can be captured in a CUDA graph.
+
+    Args:
+        x: `[B, D]`, the new conv input (BaseConv's `u1`). fp16, bf16, fp32 (fp64 on the torch backend).
+        gate: `[B, D]`, same dtype and device as `x` (BaseConv's `u2`).
+        conv_state: `[B, D, K]`, the last K inputs, oldest first (fp32 recommended; `x` is cast to it).
+        weight: `[D, K]`; bias: optional `[D]`.
+        backend: "auto" (the Triton kernel on CUDA for fp16/bf16/fp32 inputs, else the reference), "torch"
+            (rounds the conv output to x's dtype before the gate, as BaseConv's parallel forward does) or
+            "triton" (conv, silu and gate in one launch, in fp32 until the single rounding of the output).
+
+    Returns:
+        `silu(y) * gate` `[B, D]` in x's dtype.
+    """
+    _check_step(x, conv_state, weight, bias)
+    check_tensor("gate", gate, ndim=2)
+    check_same_device(x=x, gate=gate)
+    if gate.shape != x.shape:
+        raise ValueError(f"gate must have x's shape {tuple(x.shape)}, got {tuple(gate.shape)}")
+    if gate.dtype != x.dtype:
+        raise TypeError(f"gate must have x's dtype {x.dtype}, got {gate.dtype}")
+    impl = resolve_backend("gated_conv1d_step", _auto_step_backend(backend, x), x.device,
+                           _step_implementations(gated=True))
+    return impl(x, gate, conv_state, weight, bias)
+
+
+def _check_step(x, conv_state, weight, bias) -> None:
     check_tensor("x", x, ndim=2)
     _check_weight(weight, bias, x)
     _check_state("conv_state", conv_state, x, weight)
     check_same_device(x=x, conv_state=conv_state, weight=weight, bias=bias)
-    impl = resolve_backend("causal_conv1d_step", backend, x.device, {"torch": causal_conv1d_step_torch})
-    return impl(x, conv_state, weight, bias)
+
+
+def _auto_step_backend(backend: str, x: torch.Tensor) -> str:
+    """`backend`, with "auto" sent to the reference for inputs the kernel does not take (fp64)."""
+    return "torch" if backend == "auto" and x.dtype not in KERNEL_DTYPES else backend
+
+
+def _step_implementations(gated: bool):
+    impls = {"torch": gated_conv1d_step_torch if gated else causal_conv1d_step_torch}
+    if triton_available():
+        from based.ops.short_conv import triton_step  # noqa: PLC0415 (needs triton)
+
+        impls["triton"] = triton_step.gated_conv1d_step_triton if gated else triton_step.causal_conv1d_step_triton
+    return impls
 
 
 def _check_weight(weight, bias, x: torch.Tensor) -> None:

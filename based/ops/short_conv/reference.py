@@ -38,3 +38,8 @@ def causal_conv1d_step_torch(x, conv_state, weight, bias):
     if bias is not None:
         y = y + bias.to(acc)
     return y.to(x.dtype)
+
+
+def gated_conv1d_step_torch(x, gate, conv_state, weight, bias):
+    # y is rounded to x's dtype before the gate, as BaseConv's parallel path rounds the conv output.
+    return F.silu(causal_conv1d_step_torch(x, conv_state, weight, bias)) * gate

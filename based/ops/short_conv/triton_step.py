@@ -1,0 +1,92 @@
+"""Fused Triton decode step of the causal depthwise convolution, optionally with BaseConv's gate.
+
+One program per (batch row, block of channels) shifts those channels' conv state left by one in place,
+writes the new input at its end and takes the K-tap dot product in fp32; with a gate it returns
+`silu(y) * gate`, so a BaseConv decode step is one launch between its projections. Channels are
+independent, so no two programs touch the same state. At decode sizes the step moves a few kilobytes and
+is bound by launch latency, which is why one fixed launch configuration serves every shape.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from based.ops._validate import KERNEL_DTYPES
+
+CHANNELS_PER_BLOCK = 128
+NUM_WARPS = 4
+
+
+@triton.jit
+def _step_kernel(
+    x, gate, conv_state, weight, bias, y, D, K,
+    stride_xb, stride_xd, stride_gb, stride_gd, stride_sb, stride_sd, stride_sk, stride_wd, stride_wk,
+    stride_bias, stride_yb,
+    BD: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+):
+    i_b, i_d = tl.program_id(0), tl.program_id(1)
+    o_d = i_d * BD + tl.arange(0, BD)
+    o_k = tl.arange(0, BK)
+    m_d = o_d < D
+    m_dk = m_d[:, None] & (o_k < K)[None, :]
+    p_state = conv_state + i_b * stride_sb + o_d[:, None] * stride_sd + o_k[None, :] * stride_sk
+    # Cast before use, so the output reads exactly the value the state keeps (as the reference does).
+    b_x = tl.load(x + i_b * stride_xb + o_d * stride_xd, mask=m_d, other=0.0).to(conv_state.dtype.element_ty)
+    # Tap k takes the input tap k + 1 held; the newest tap takes x.
+    b_older = tl.load(p_state + stride_sk, mask=m_d[:, None] & (o_k < K - 1)[None, :], other=0.0)
+    b_state = tl.where((o_k == K - 1)[None, :], b_x[:, None], b_older)
+    # A channel's taps may sit in different threads: every old tap must be read before any is overwritten.
+    tl.debug_barrier()
+    tl.store(p_state, b_state, mask=m_dk)
+
+    b_w = tl.load(weight + o_d[:, None] * stride_wd + o_k[None, :] * stride_wk, mask=m_dk, other=0.0)
+    b_y = tl.sum(b_state.to(tl.float32) * b_w.to(tl.float32), axis=1)
+    if HAS_BIAS:
+        b_y += tl.load(bias + o_d * stride_bias, mask=m_d, other=0.0).to(tl.float32)
+    if GATED:
+        b_gate = tl.load(gate + i_b * stride_gb + o_d * stride_gd, mask=m_d, other=0.0).to(tl.float32)
+        b_y = b_y * tl.sigmoid(b_y) * b_gate
+    tl.store(y + i_b * stride_yb + o_d, b_y.to(y.dtype.element_ty), mask=m_d)
+
+
+@torch.library.custom_op("based::causal_conv1d_step", mutates_args=("conv_state",))
+def _step_op(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Optional[Tensor]) -> Tensor:
+    """y `[B, D]` (silu(y) * gate with a gate); advances conv_state `[B, D, K]` in place."""
+    B, D = x.shape
+    K = weight.shape[1]
+    y = torch.empty(B, D, device=x.device, dtype=x.dtype)
+    # Absent tensors are never read (HAS_BIAS / GATED are off): x stands in for their pointers.
+    gate_or_x, bias_or_x = (x if t is None else t for t in (gate, bias))
+    _step_kernel[(B, triton.cdiv(D, CHANNELS_PER_BLOCK))](
+        x, gate_or_x, conv_state, weight, bias_or_x, y, D, K,
+        *x.stride(), *gate_or_x.stride(), *conv_state.stride(), *weight.stride(), bias_or_x.stride(0), y.stride(0),
+        BD=CHANNELS_PER_BLOCK, BK=triton.next_power_of_2(K), HAS_BIAS=bias is not None, GATED=gate is not None,
+        num_warps=NUM_WARPS)
+    return y
+
+
+@_step_op.register_fake
+def _(x, conv_state, weight, bias, gate):
+    return x.new_empty(x.shape)
+
+
+def _check_dtype(x: Tensor) -> None:
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"the Triton short-conv step takes float16, bfloat16 or float32 inputs, got {x.dtype}; "
+                        "use backend='torch'")
+
+
+def causal_conv1d_step_triton(x, conv_state, weight, bias):
+    """Same contract as `reference.causal_conv1d_step_torch`, in one Triton launch."""
+    _check_dtype(x)
+    return _step_op(x, conv_state, weight, bias, None)
+
+
+def gated_conv1d_step_triton(x, gate, conv_state, weight, bias):
+    """Same contract as `reference.gated_conv1d_step_torch`, in one Triton launch (silu and gate in fp32)."""
+    _check_dtype(x)
+    return _step_op(x, conv_state, weight, bias, gate)
