@@ -7,6 +7,8 @@
 // Schemas of every op, in one place; each op's file registers its kernels with TORCH_LIBRARY_IMPL.
 TORCH_LIBRARY(based, m) {
   m.def("taylor_feature_map(Tensor x) -> Tensor");
+  m.def("linear_attention_step(Tensor q, Tensor k, Tensor v, Tensor(a!) kv, Tensor(b!) ksum, bool normalize, "
+        "float eps) -> Tensor");
 }
 
 PyMODINIT_FUNC PyInit__C(void) {

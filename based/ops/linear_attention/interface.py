@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from based.ops._backend import resolve_backend, triton_available
+from based.ops._backend import cuda_extension_available, resolve_backend, triton_available
 from based.ops._validate import KERNEL_DTYPES, check_dims_match, check_same_device, check_shape, check_tensor
 from based.ops.feature_map.reference import feature_dim_of
 from based.ops.linear_attention.reference import linear_attention_step_torch, linear_attention_torch
@@ -69,9 +69,9 @@ def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sta
     Args:
         q, k: `[B, H, d]`; v: `[B, H, dv]`; fp16, bf16, fp32 (fp64 on the torch backend).
         state: `LinearAttentionState` (kv `[B, H, E, dv]`, ksum `[B, H, E]`, fp32 or fp64), updated in place.
-        backend: "auto" (a fused kernel on CUDA for fp16/bf16/fp32 inputs with an fp32 state whose value dim
-            has unit stride, else the reference), "torch", "triton" or "cuda" (`based._C`). The fused kernels
-            read and write the state once and never sync with the host (CUDA-graph safe).
+        backend: "auto" (on CUDA the `based._C` kernel when built, else the Triton one, for fp16/bf16/fp32
+            inputs with d <= 32 and a contiguous fp32 state; else the reference), "torch", "triton" or "cuda".
+            The fused kernels read and write the state once and never sync with the host (CUDA-graph safe).
 
     Returns:
         `o` `[B, H, dv]` in v's dtype.
@@ -85,11 +85,17 @@ def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sta
 
 
 def _step_kernels_support(q: torch.Tensor, state: LinearAttentionState) -> bool:
-    return q.dtype in KERNEL_DTYPES and state.kv.dtype == torch.float32 and state.kv.stride(-1) == 1
+    """Inputs every fused step kernel takes ("auto" uses the reference for the rest)."""
+    return (q.dtype in KERNEL_DTYPES and q.shape[-1] <= 32 and state.kv.dtype == torch.float32
+            and state.kv.is_contiguous() and state.ksum.is_contiguous())
 
 
 def _step_implementations():
     impls = {"torch": linear_attention_step_torch}
+    if cuda_extension_available():
+        from based.ops.linear_attention.cuda_step import linear_attention_step_cuda  # noqa: PLC0415
+
+        impls["cuda"] = linear_attention_step_cuda
     if triton_available():
         from based.ops.linear_attention.triton_step import linear_attention_step_triton  # noqa: PLC0415
 
