@@ -120,6 +120,11 @@ class DecodeStep:
     buffer. Sampling stays outside the graph: it is cheap and its options vary.
     """
 
+    @staticmethod
+    def steps_before_replay() -> int:
+        """Calls that run eagerly or capture; every later call replays the graph."""
+        return WARMUP_STEPS + 1
+
     def __init__(self, model, cache, use_graph: bool):
         self.model, self.cache, self.use_graph = model, cache, use_graph
         self.calls = 0

@@ -1,32 +1,39 @@
-"""End-to-end generation throughput: Based against the Transformer++ baseline of the same size.
+"""Generation throughput: Based against the Transformer++ baseline of the same size (random weights).
 
-For each batch size, both models (random weights) greedily generate `--gen-len` tokens after a random
-prompt of `--prompt-len` tokens through `model.generate` (prefill, then decode over static caches, in CUDA
-graphs on a GPU unless `--no-cuda-graph`). tokens/s = batch * gen_len / wall time of the whole
-`generate` call, prefill included, median over `--repeats` runs after `--warmup` untimed ones. A model that
-runs out of GPU memory at one batch size is not tried at larger ones, so a long list of batch sizes sweeps
-each model up to what memory holds.
+Each model first prefills one random prompt of `--prompt-len` tokens (batch 1, timed: the prefill rate). For
+each batch size its caches are then copied to every row of a batch (decoding cost does not depend on what the
+tokens are) and the model greedily decodes `--gen-len` tokens from them, one step per token, with the same
+`DecodeStep` that `model.generate` uses: over static caches, replayed from a CUDA graph on a GPU unless
+`--no-cuda-graph`. tokens/s = batch * gen_len / decode time (median of `--repeats` runs, each from a fresh
+copy of the prefilled caches, after the graph is captured). So the throughput is that of generation at a
+context of prompt_len..prompt_len + gen_len, as in the BASED paper, not diluted by the prompt's prefill,
+which a real server overlaps with other requests' decoding.
 
-Also printed: each model's peak tokens/s and the ratio of the peaks; on a GPU the peak memory of each run and,
-at batch 1, the decode latency (ms per token without the prefill: the time of gen_len tokens minus that of
-one, over gen_len - 1) against the weight-read floor (the model's weight bytes over the copy bandwidth
-measured in the same run).
+A model that runs out of GPU memory at one batch size is not tried at larger ones, so a long list of batch
+sizes sweeps each model up to what memory holds. Also printed: each model's peak tokens/s and the ratio of
+the peaks, the peak GPU memory of each run, the batch-1 decode latency (ms/token) against the weight-read
+floor (the model's weight bytes over the copy bandwidth measured in the same run), and the prefill rate.
 
 With no arguments: small models derived from the 360M presets (d_model 256, 5 Based layers and 4
-Transformer layers, the presets' vocabulary) on whatever device exists; a couple of minutes on 2 CPU cores.
+Transformer layers, the presets' vocabulary) on whatever device exists; well under a minute on 2 CPU cores.
 A paper-scale run on a GPU:
 
-    python benchmarks/gen_throughput.py --model based-1.3b --batch-sizes 1 16 64 256 --prompt-len 512 \\
-        --gen-len 1024 --out gen.json --plot gen.png
+    python benchmarks/gen_throughput.py --model based-1.3b --batch-sizes 1 4 16 64 256 1024 2048 \\
+        --prompt-len 8192 --gen-len 1024 --out gen.json --plot gen.png
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 
 import torch
 from _common import (DTYPES, attention_kernel, banner, check_out_path, copy_bandwidth, default_device, dtype_name,
-                     environment, format_table, median_seconds, write_results)
+                     environment, format_table, synchronize, write_results)
+from torch.utils._pytree import tree_leaves
+
+from based.generation import DecodeStep
 
 from based.models import BasedConfig, BasedLM, Transformer, TransformerConfig
 
@@ -55,8 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="default: bfloat16 on a GPU, float32 on CPU")
     parser.add_argument("--device", type=torch.device, default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each configuration first")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs (default: 3 on a GPU, 1 on CPU)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed decode runs per batch size (default: 3 on a GPU, 1 on CPU)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="decode without CUDA graphs")
     parser.add_argument("--out", help="write the results to this .json or .csv file")
     parser.add_argument("--plot", help="save a PNG of tokens/s against batch size (needs matplotlib)")
@@ -64,8 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("prompt_len", "gen_len"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if min(args.batch_sizes) < 1 or args.warmup < 0 or (args.repeats is not None and args.repeats < 1):
-        parser.error("batch sizes and --repeats must be >= 1, --warmup >= 0")
+    if min(args.batch_sizes) < 1 or (args.repeats is not None and args.repeats < 1):
+        parser.error("batch sizes and --repeats must be >= 1")
     args.device = args.device or default_device()
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.type == "cuda" else "float32"
@@ -74,33 +80,60 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def measure(model, batch: int, args, gen_len: int | None = None) -> tuple[float, float] | None:
-    """(seconds, peak GPU MB or None off the GPU) of `model.generate` at this batch size, or None when it runs
-    out of GPU memory."""
-    generator = torch.Generator().manual_seed(batch)
-    prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len), generator=generator)
-    prompt = prompt.to(args.device)
-    cuda_graph = False if args.no_cuda_graph else None  # None: on for CUDA, off elsewhere
+def prefill(model, args):
+    """(cache, next token, seconds): a timed batch-1 prefill of a random prompt, its caches sized for the
+    whole generation plus the decode warm-up."""
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    cache = model.new_cache(1, args.prompt_len + args.gen_len + DecodeStep.steps_before_replay())
+    synchronize(args.device)
+    start = time.perf_counter()
+    logits = model(prompt.to(args.device), cache=cache)
+    synchronize(args.device)
+    return cache, logits[:, -1].argmax(-1), time.perf_counter() - start
+
+
+def decode(model, batch: int, prefilled, args) -> tuple[float, float | None] | None:
+    """(median decode seconds for gen_len tokens, peak GPU MB or None off the GPU) at this batch size, or
+    None when it runs out of GPU memory."""
+    source, first_token, _ = prefilled
     on_gpu = args.device.type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(args.device)
     try:
-        seconds = median_seconds(lambda: model.generate(prompt, gen_len or args.gen_len, cuda_graph=cuda_graph),
-                                 args.device, warmup=args.warmup, repeats=args.repeats)
+        cache = model.new_cache(batch, source.max_seqlen)
+
+        def refill():  # every cache leaf has the batch first (positions are 0-dim): broadcast row 0
+            for dst, src in zip(tree_leaves(cache.layers), tree_leaves(source.layers)):
+                dst.copy_(src)
+            cache.position.copy_(source.position)
+
+        refill()
+        step = DecodeStep(model, cache, use_graph=on_gpu and not args.no_cuda_graph)
+        token = first_token.expand(batch).contiguous()
+        for _ in range(DecodeStep.steps_before_replay()):  # eager warm-up and capture, untimed
+            token = step(token, greedy)
+        times = []
+        for _ in range(args.repeats):
+            refill()
+            token = first_token.expand(batch).contiguous()
+            synchronize(args.device)
+            start = time.perf_counter()
+            for _ in range(args.gen_len):
+                token = step(token, greedy)
+            synchronize(args.device)
+            times.append(time.perf_counter() - start)
     except torch.cuda.OutOfMemoryError:
         return None
     finally:
         peak_mb = torch.cuda.max_memory_allocated(args.device) / 2**20 if on_gpu else None
+        cache = step = None
         if on_gpu:
             torch.cuda.empty_cache()
-    return seconds, peak_mb
+    return statistics.median(times), peak_mb
 
 
-def decode_latency_ms(model, args) -> float:
-    """Batch-1 ms per decoded token, prefill excluded: (t(gen_len) - t(1)) / (gen_len - 1)."""
-    full, _ = measure(model, 1, args)
-    prefill_and_first, _ = measure(model, 1, args, gen_len=1)
-    return 1e3 * (full - prefill_and_first) / max(1, args.gen_len - 1)
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
 
 
 def plot(path: str, rows: list[dict], title: str) -> None:
@@ -125,9 +158,9 @@ def plot(path: str, rows: list[dict], title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def summarise(rows: list[dict], models: dict, args) -> dict:
-    """Each model's peak tokens/s (and its batch), the ratio of the peaks, and on a GPU the batch-1 decode
-    latency against the weight-read floor."""
+def summarise(rows: list[dict], models: dict, prefill_seconds: dict, args) -> dict:
+    """Each model's peak tokens/s (and its batch), the ratio of the peaks, the batch-1 decode latency against
+    the weight-read floor (on a GPU) and the batch-1 prefill rate."""
     summary = {}
     for name in models:
         measured = [r for r in rows if r["model"] == name and r["tokens_per_s"]]
@@ -136,12 +169,14 @@ def summarise(rows: list[dict], models: dict, args) -> dict:
         summary[f"{name} peak batch"] = None if best is None else best["batch"]
     peaks = [summary[f"{name} peak tokens/s"] for name in ("Based", "Transformer++")]
     summary["Based / Transformer++ peak"] = round(peaks[0] / peaks[1], 2) if all(peaks) else None
-    if args.device.type == "cuda" and args.gen_len > 1:
-        bandwidth = copy_bandwidth()
-        for name, model in models.items():
+    bandwidth = copy_bandwidth() if args.device.type == "cuda" else None
+    for name, model in models.items():
+        batch_1 = [r for r in rows if r["model"] == name and r["batch"] == 1 and r["ms_per_token"]]
+        summary[f"{name} batch-1 ms/token"] = batch_1[0]["ms_per_token"] if batch_1 else None
+        if bandwidth:
             weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-            summary[f"{name} batch-1 ms/token"] = round(decode_latency_ms(model, args), 3)
             summary[f"{name} weight-read floor ms"] = round(1e3 * weight_bytes / bandwidth, 3)
+        summary[f"{name} prefill tokens/s (batch 1)"] = round(args.prompt_len / prefill_seconds[name], 1)
     return summary
 
 
@@ -167,16 +202,20 @@ def main(argv=None) -> None:
     print(f"model {args.model}, {dtype_name(args.dtype)}, prompt {args.prompt_len}, generating {args.gen_len}, "
           f"CUDA graphs {'on' if graphs else 'off'}; Transformer++ attention: {kernels['Transformer++']}")
 
+    with torch.inference_mode():
+        prefilled = {name: prefill(model, args) for name, model in models.items()}
     rows, out_of_memory = [], set()
     for batch in args.batch_sizes:
-        throughput, peak_mb = {}, {}
+        throughput, peak_mb, step_ms = {}, {}, {}
         for name, model in models.items():
-            result = None if name in out_of_memory else measure(model, batch, args)
+            with torch.inference_mode():
+                result = None if name in out_of_memory else decode(model, batch, prefilled[name], args)
             if result is None:
                 out_of_memory.add(name)
-                throughput[name] = peak_mb[name] = None
+                throughput[name] = peak_mb[name] = step_ms[name] = None
             else:
                 throughput[name], peak_mb[name] = batch * args.gen_len / result[0], result[1]
+                step_ms[name] = 1e3 * result[0] / args.gen_len
             rate = "out of memory" if throughput[name] is None else f"{throughput[name]:,.1f} tokens/s"
             print(f"  {name:<13} batch {batch:>4}: {rate}", flush=True)
         for name, model in models.items():
@@ -189,6 +228,7 @@ def main(argv=None) -> None:
                 "dtype": dtype_name(args.dtype), "device": env["device"], "cuda_graph": graphs,
                 "tokens_per_s": None if tps is None else round(tps, 1),
                 "based_over_transformer": None if ratio is None else round(ratio, 2),
+                "ms_per_token": None if step_ms[name] is None else round(step_ms[name], 3),
                 "peak_memory_MB": None if peak_mb[name] is None else round(peak_mb[name]),
             })
 
@@ -197,10 +237,10 @@ def main(argv=None) -> None:
               "based_over_transformer": "" if row["based_over_transformer"] is None
               else f"{row['based_over_transformer']:.2f}x",
               "peak_memory_MB": "" if row["peak_memory_MB"] is None else row["peak_memory_MB"]} for row in rows]
-    columns = ["model", "attention", "params_M", "batch", "prompt_len", "gen_len", "tokens_per_s",
+    columns = ["model", "attention", "params_M", "batch", "prompt_len", "gen_len", "tokens_per_s", "ms_per_token",
                "based_over_transformer", "peak_memory_MB"]
     print("\n".join(format_table(shown, columns)))
-    summary = summarise(rows, models, args)
+    summary = summarise(rows, models, {name: p[2] for name, p in prefilled.items()}, args)
     print("\n".join(f"{key}: {value}" for key, value in summary.items()))
     if args.out:
         write_results(args.out, rows, env, summary)

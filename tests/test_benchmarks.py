@@ -21,7 +21,7 @@ def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
 def test_gen_throughput_writes_both_models(tmp_path):
     out = tmp_path / "gen.json"
     result = run_script("gen_throughput.py", "--device", "cpu", "--batch-sizes", "1", "2", "--prompt-len", "5",
-                        "--gen-len", "3", "--warmup", "0", "--out", str(out))
+                        "--gen-len", "3", "--out", str(out))
     assert result.returncode == 0, result.stderr
     results = json.loads(out.read_text())
     assert "device" in results["environment"]
