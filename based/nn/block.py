@@ -31,5 +31,5 @@ class Block(nn.Module):
     def forward(self, residual: torch.Tensor, cache=None) -> torch.Tensor:
         """`residual` `[B, T, d_model]` (any float dtype; summed in at least fp32) -> the updated residual."""
         residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
-        residual = residual + self.mixer(self.norm1(residual), cache)
-        return residual + self.mlp(self.norm2(residual))
+        hidden, residual = self.norm2(self.mixer(self.norm1(residual), cache), residual=residual)
+        return residual + self.mlp(hidden)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from based.ops import rms_norm
+
 
 class RMSNorm(nn.Module):
     """`x / sqrt(mean(x^2) + eps) * weight`, output in the weight's dtype.
@@ -17,10 +19,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(self.weight.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """The normalised `x` in the weight's dtype; with `residual` (the fp32 stream), `(norm(residual + x),
+        residual + x)` from one pass (one kernel on a GPU at inference)."""
+        return rms_norm(x, self.weight, self.eps, residual=residual)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -10,11 +10,13 @@ REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def check_tensor(name: str, x, *, ndim: int, dtypes: Sequence[torch.dtype] = REFERENCE_DTYPES) -> None:
-    """`x` must be a tensor of rank `ndim` with one of `dtypes`."""
+def check_tensor(name: str, x, *, ndim: int | None, dtypes: Sequence[torch.dtype] = REFERENCE_DTYPES) -> None:
+    """`x` must be a tensor of rank `ndim` (any rank >= 1 when None) with one of `dtypes`."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != ndim:
+    if ndim is None and x.dim() == 0:
+        raise ValueError(f"{name} must have at least one dimension, got a scalar")
+    if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
     if x.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
