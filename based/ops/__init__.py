@@ -2,6 +2,7 @@
 from based.ops.feature_map import feature_dim_of, taylor_feature_map
 from based.ops.linear_attention import LinearAttentionState, linear_attention, linear_attention_step
 from based.ops.rms_norm import rms_norm
+from based.ops.rotary import apply_rotary
 from based.ops.short_conv import causal_conv1d, causal_conv1d_step, gated_conv1d_step
 from based.ops.sliding_window import (
     WindowCache,
@@ -23,6 +24,7 @@ __all__ = [
     "window_cache_write",
     "window_cache_read",
     "rms_norm",
+    "apply_rotary",
     "causal_conv1d",
     "causal_conv1d_step",
     "gated_conv1d_step",
