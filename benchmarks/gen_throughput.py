@@ -34,6 +34,7 @@ from _common import (DTYPES, attention_kernel, banner, check_out_path, copy_band
 from torch.utils._pytree import tree_leaves
 
 from based.generation import DecodeStep
+from based.ops._backend import cuda_extension_available
 
 from based.models import BasedConfig, BasedLM, Transformer, TransformerConfig
 
@@ -158,6 +159,13 @@ def plot(path: str, rows: list[dict], title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def based_kernels(device: torch.device) -> str:
+    """What runs Based's linear-attention decode step here (the other layers use Triton on a GPU)."""
+    if device.type != "cuda":
+        return "torch"
+    return "based._C step" if cuda_extension_available() else "Triton step"
+
+
 def summarise(rows: list[dict], models: dict, prefill_seconds: dict, args) -> dict:
     """Each model's peak tokens/s (and its batch), the ratio of the peaks, the batch-1 decode latency against
     the weight-read floor (on a GPU) and the batch-1 prefill rate."""
@@ -197,7 +205,7 @@ def main(argv=None) -> None:
         "Transformer++": Transformer(transformer_config, device=args.device, dtype=args.dtype).eval(),
         "Based": BasedLM(based_config, device=args.device, dtype=args.dtype).eval(),
     }
-    kernels = {"Transformer++": attention_kernel(args.device, args.dtype), "Based": "based.ops"}
+    kernels = {"Transformer++": attention_kernel(args.device, args.dtype), "Based": based_kernels(args.device)}
     graphs = args.device.type == "cuda" and not args.no_cuda_graph
     print(f"model {args.model}, {dtype_name(args.dtype)}, prompt {args.prompt_len}, generating {args.gen_len}, "
           f"CUDA graphs {'on' if graphs else 'off'}; Transformer++ attention: {kernels['Transformer++']}")
