@@ -66,16 +66,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int) -> float:
-    """Median wall time of `fn()` over `repeats` runs after `warmup` untimed ones.
+def median_seconds(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int,
+                   setup: Callable[[], object] | None = None) -> float:
+    """Median wall time of `fn()` over `repeats` runs after `warmup` untimed ones; `setup()`, when given,
+    runs untimed before each timed run (e.g. to restore state the run consumes).
 
-    Wall time around a device synchronisation, not CUDA events: end-to-end generation includes host work
-    (sampling, the Python loop) that a user waits for too.
+    Wall time around a device synchronisation, not CUDA events: generation includes host work (sampling,
+    the Python loop) that a user waits for too.
     """
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        if setup is not None:
+            setup()
         synchronize(device)
         start = time.perf_counter()
         fn()

@@ -24,13 +24,12 @@ A paper-scale run on a GPU:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 
 import torch
 from _common import (DTYPES, attention_kernel, banner, check_out_path, copy_bandwidth, default_device, dtype_name,
-                     environment, format_table, synchronize, write_results)
+                     environment, format_table, median_seconds, synchronize, write_results)
 from torch.utils._pytree import tree_leaves
 
 from based.generation import DecodeStep
@@ -110,19 +109,16 @@ def decode(model, batch: int, prefilled, args) -> tuple[float, float | None] | N
 
         refill()
         step = DecodeStep(model, cache, use_graph=on_gpu and not args.no_cuda_graph)
-        token = first_token.expand(batch).contiguous()
-        for _ in range(DecodeStep.steps_before_replay()):  # eager warm-up and capture, untimed
-            token = step(token, greedy)
-        times = []
-        for _ in range(args.repeats):
-            refill()
-            token = first_token.expand(batch).contiguous()
-            synchronize(args.device)
-            start = time.perf_counter()
-            for _ in range(args.gen_len):
+        first = first_token.expand(batch).contiguous()
+
+        def generate_tokens(steps: int) -> None:
+            token = first
+            for _ in range(steps):
                 token = step(token, greedy)
-            synchronize(args.device)
-            times.append(time.perf_counter() - start)
+
+        generate_tokens(DecodeStep.steps_before_replay())  # eager warm-up and capture, untimed
+        seconds = median_seconds(lambda: generate_tokens(args.gen_len), args.device, warmup=0,
+                                 repeats=args.repeats, setup=refill)
     except torch.cuda.OutOfMemoryError:
         return None
     finally:
@@ -130,7 +126,7 @@ def decode(model, batch: int, prefilled, args) -> tuple[float, float | None] | N
         cache = step = None
         if on_gpu:
             torch.cuda.empty_cache()
-    return statistics.median(times), peak_mb
+    return seconds, peak_mb
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
