@@ -156,6 +156,17 @@ def gpu_ms(fn, inputs, *, backward: bool) -> float:
     return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
 
 
+def graph_ms(fn) -> float:
+    """Median GPU time of `fn()` replayed from a CUDA graph (`triton.testing.do_bench_cudagraph`): decode-sized
+    work, where host launch overhead would otherwise be what is timed. One eager call first, so compilation
+    and one-time allocations happen outside the capture."""
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+
+
 def copy_bandwidth() -> float:
     """Measured device-to-device copy bandwidth: bytes read + written per second (1 GiB buffers)."""
     import triton.testing

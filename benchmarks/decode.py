@@ -14,7 +14,9 @@ import argparse
 import sys
 
 import torch
-from _common import DTYPES, banner, check_out_path, copy_bandwidth, environment, format_table, write_results
+from _common import (
+    DTYPES, banner, check_out_path, copy_bandwidth, environment, format_table, graph_ms, write_results,
+)
 
 from based.ops import LinearAttentionState, linear_attention_step
 from based.ops._backend import cuda_extension_available
@@ -27,18 +29,11 @@ def step_bytes(B: int, H: int, d: int, dv: int, E: int, input_bytes: int) -> tup
 
 
 def time_step(backend: str, B: int, H: int, d: int, dv: int, dtype) -> float:
-    import triton.testing
-
     state = LinearAttentionState.zeros(B, H, d, dv, device="cuda")
     q, k = (torch.randn(B, H, d, device="cuda", dtype=dtype) for _ in range(2))
     v = torch.randn(B, H, dv, device="cuda", dtype=dtype)
 
-    def step():
-        linear_attention_step(q, k, v, state, backend=backend)
-
-    step()  # compile / build tables outside the capture
-    torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(step, rep=50, return_mode="median")
+    return graph_ms(lambda: linear_attention_step(q, k, v, state, backend=backend))
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,9 @@ import argparse
 import sys
 
 import torch
-from _common import DTYPES, banner, check_out_path, environment, fa2_causal, format_table, gpu_ms, write_results
+from _common import (
+    DTYPES, banner, check_out_path, environment, fa2_causal, format_table, gpu_ms, graph_ms, write_results,
+)
 
 from based.ops import WindowCache, sliding_window_attention, sliding_window_attention_step
 
@@ -87,14 +89,8 @@ def prefill_rows(B, H, D, dtype, seqlens, windows):
 
 
 def decode_rows(B, H, D, dtype, contexts, window):
-    import triton.testing
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention
-
-    def graph_ms(fn):
-        fn()  # compile / warm up outside the capture
-        torch.cuda.synchronize()
-        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
 
     q, k, v = (torch.randn(B, H, D, device="cuda", dtype=dtype) for _ in range(3))
     cache = WindowCache.zeros(B, window, H, D, device="cuda", dtype=dtype)
