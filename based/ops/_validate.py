@@ -23,6 +23,12 @@ def check_tensor(name: str, x, *, ndim: int | None, dtypes: Sequence[torch.dtype
         raise TypeError(f"{name} has dtype {str(x.dtype).replace('torch.', '')}; supported: {allowed}")
 
 
+def check_kernel_dtype(dtype: torch.dtype, kernels: str) -> None:
+    """TypeError unless the kernels take `dtype`; `kernels` names them with their verb ("the Triton ... take")."""
+    if dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{kernels} float16, bfloat16 or float32, got {dtype}; use backend='torch'")
+
+
 def check_same_device(**tensors: torch.Tensor) -> None:
     """All tensors live on one device."""
     devices = {name: t.device for name, t in tensors.items() if t is not None}

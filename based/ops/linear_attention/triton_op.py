@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from based.ops._validate import KERNEL_DTYPES
+from based.ops._validate import check_kernel_dtype
 from based.ops.linear_attention import triton_bwd, triton_fwd
 from based.ops.linear_attention.state import LinearAttentionState
 from based.ops.linear_attention.state_layout import public_from_raw, raw_from_public
@@ -101,9 +101,7 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 def linear_attention_triton(q, k, v, causal: bool, normalize: bool, eps: float,
                             initial_state: LinearAttentionState | None, return_state: bool):
     """Same contract as `reference.linear_attention_torch`, on the Triton kernels."""
-    if q.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"the Triton linear-attention kernels take float16, bfloat16 or float32, got {q.dtype}; "
-                        "use backend='torch'")
+    check_kernel_dtype(q.dtype, "the Triton linear-attention kernels take")
     d = q.shape[-1]
     dp = padded_feature_dim(d)
     state0 = z0 = None

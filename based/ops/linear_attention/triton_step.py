@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from based.ops._validate import KERNEL_DTYPES
+from based.ops._validate import check_kernel_dtype
 from based.ops.feature_map.reference import second_order_index
 
 FEATURES_PER_BLOCK = 32
@@ -110,9 +110,7 @@ def _(q, k, v, kv, ksum, normalize, eps):
 def linear_attention_step_triton(q, k, v, state, normalize: bool, eps: float):
     """Same contract as `reference.linear_attention_step_torch`, in one Triton launch; the state must be
     fp32 with unit stride along its value dim (as `LinearAttentionState.zeros` makes it)."""
-    if q.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"the Triton linear-attention step kernels take float16, bfloat16 or float32, got {q.dtype}; "
-                        "use backend='torch'")
+    check_kernel_dtype(q.dtype, "the Triton linear-attention step kernels take")
     if state.kv.dtype != torch.float32 or state.kv.stride(-1) != 1:
         raise ValueError("the Triton linear-attention step needs an fp32 state with unit stride along the value "
                          f"dim, got kv {state.kv.dtype} with strides {state.kv.stride()}; use backend='torch'")

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from based.ops._validate import KERNEL_DTYPES
+from based.ops._validate import check_kernel_dtype
 
 CHANNELS_PER_BLOCK = 128
 NUM_WARPS = 4
@@ -75,9 +75,7 @@ def _(x, conv_state, weight, bias, gate):
 
 
 def _check_dtype(x: Tensor) -> None:
-    if x.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"the Triton short-conv step takes float16, bfloat16 or float32 inputs, got {x.dtype}; "
-                        "use backend='torch'")
+    check_kernel_dtype(x.dtype, "the Triton short-conv step takes")
 
 
 def causal_conv1d_step_triton(x, conv_state, weight, bias):

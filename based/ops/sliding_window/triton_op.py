@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from based.ops._validate import KERNEL_DTYPES
+from based.ops._validate import check_kernel_dtype
 from based.ops.sliding_window import triton_bwd, triton_decode, triton_fwd
 from based.ops.sliding_window.cache import WindowCache
 
@@ -64,9 +64,7 @@ def _(q, k, v, cache_k, cache_v, pos_tensor, pos_int, scale):
 
 
 def _check_dtype(q: Tensor) -> None:
-    if q.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"the Triton sliding-window kernels take float16, bfloat16 or float32, got {q.dtype}; "
-                        "use backend='torch'")
+    check_kernel_dtype(q.dtype, "the Triton sliding-window kernels take")
 
 
 def sliding_window_attention_triton(q, k, v, window: int, scale: float):
