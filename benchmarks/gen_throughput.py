@@ -33,7 +33,7 @@ from _common import (DTYPES, attention_kernel, banner, check_out_path, copy_band
 from torch.utils._pytree import tree_leaves
 
 from based.generation import DecodeStep
-from based.ops._backend import cuda_extension_available
+from based.ops._backend import cuda_extension_available, triton_available
 
 from based.models import BasedConfig, BasedLM, Transformer, TransformerConfig
 
@@ -159,7 +159,7 @@ def based_kernels(device: torch.device) -> str:
     """What runs Based's linear-attention decode step here (the other layers use Triton on a GPU)."""
     if device.type != "cuda":
         return "torch"
-    return "based._C step" if cuda_extension_available() else "Triton step"
+    return "Triton step" if triton_available() else "based._C step" if cuda_extension_available() else "torch"
 
 
 def summarise(rows: list[dict], models: dict, prefill_seconds: dict, args) -> dict:

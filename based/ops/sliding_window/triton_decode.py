@@ -14,6 +14,8 @@ import triton.language as tl
 from based.ops.sliding_window.triton_common import LOG2_E, load_rows
 
 SLOTS_PER_BLOCK = 64
+NUM_WARPS = 4
+MAX_TILE = 8192  # elements of the [BG, BW, BD] product tile
 
 
 @triton.jit
@@ -78,10 +80,11 @@ def decode_step(q, k, v, cache_k, cache_v, pos, scale: float) -> torch.Tensor:
     BD, BDV = triton.next_power_of_2(D), triton.next_power_of_2(DV)
     BG = triton.next_power_of_2(G)
     # Keep the [BG, BW, BD] product within a few thousand registers' worth of elements.
-    BW = max(1, min(SLOTS_PER_BLOCK, triton.next_power_of_2(W), 8192 // (BG * max(BD, BDV))))
+    BW = max(1, min(SLOTS_PER_BLOCK, triton.next_power_of_2(W), MAX_TILE // (BG * max(BD, BDV))))
     _decode_kernel[(B * Hkv,)](
         q, k, v, cache_k, cache_v, o, pos if on_device else q, 0 if on_device else pos, W, scale * LOG2_E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         *cache_k.stride(), *cache_v.stride(),
-        HKV=Hkv, G=G, D=D, DV=DV, BG=BG, BW=BW, BD=BD, BDV=BDV, POS_ON_DEVICE=on_device)
+        HKV=Hkv, G=G, D=D, DV=DV, BG=BG, BW=BW, BD=BD, BDV=BDV, POS_ON_DEVICE=on_device,
+        **({} if q.device.type != "cuda" else dict(num_warps=NUM_WARPS)))
     return o
