@@ -6,6 +6,7 @@ never a silent fallback.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Mapping
 
 import torch
@@ -19,6 +20,12 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessor_count(device: torch.device) -> int:
+    """SMs of a CUDA device: decode kernels pick a latency-bound config when their programs do not fill them."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def cuda_extension_available() -> bool:

@@ -1,9 +1,10 @@
 """Triton decode step of sliding-window attention over the ring-buffer cache (`cache.py`), one launch.
 
-One program per (batch, kv head) serves the G query heads that read it: it attends over the W slots,
-taking the new token's key and value from registers for slot pos % W (so it never reads back its own
-write), then stores them into that slot. Slots past `pos` are not written yet before the ring fills and
-are masked. All arithmetic is fp32: the step moves W keys and values per head and is bound by memory.
+One program per (batch, kv head) serves the G query heads that read it. Slot pos % W of the ring still holds
+the token that leaves the window, so the program attends over the new token (its key and value taken from
+registers) and the W - 1 other slots, then overwrites that slot with the new key and value. Slots past `pos`
+are not written yet before the ring fills and are masked. All arithmetic is fp32 with 2D tiles (a [slots, D]
+block of keys against one query row): the step moves W keys and values per head and is bound by memory.
 """
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
+from based.ops._backend import multiprocessor_count
 from based.ops.sliding_window.triton_common import LOG2_E, load_rows
 
-SLOTS_PER_BLOCK = 64
-NUM_WARPS = 4
-MAX_TILE = 8192  # elements of the [BG, BW, BD] product tile
+# Slots per block and warps, chosen on an H200 (window 129, head dim 112, bf16): with 1024 x 16 programs,
+# 64 slots and 2 warps stream the cache at ~80% of the copy bandwidth (128 slots / 8 warps: 2x slower);
+# when the programs do not fill the SMs (batch 1), one 128-slot block on 8 warps has the lowest latency.
+MANY_PROGRAMS = (64, 2)
+FEW_PROGRAMS = (128, 8)
+INTERPRETER_SLOTS = 16
 
 
 @triton.jit
@@ -24,46 +29,41 @@ def _decode_kernel(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_ob, stride_oh,
     stride_ckb, stride_ckw, stride_ckh, stride_ckd,
     stride_cvb, stride_cvw, stride_cvh, stride_cvd,
-    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BG: tl.constexpr, BW: tl.constexpr,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BW: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, POS_ON_DEVICE: tl.constexpr,
 ):
     i_bhk = tl.program_id(0)
     i_b, i_hk = i_bhk // HKV, i_bhk % HKV
     pos = tl.load(pos_ptr) if POS_ON_DEVICE else pos_value
     slot = pos % W
-    o_g = tl.arange(0, BG)
-    m_g = o_g < G
     o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
     m_d, m_dv = o_d < D, o_dv < DV
-    # The G query heads of this kv head are consecutive: rows of one [BG, BD] tile.
-    b_q = load_rows(q + i_b * stride_qb + i_hk * G * stride_qh, o_g, m_g, stride_qh, o_d, m_d, 1).to(tl.float32)
     b_k_new = tl.load(k + i_b * stride_kb + i_hk * stride_kh + o_d, mask=m_d, other=0.0).to(tl.float32)
     b_v_new = tl.load(v + i_b * stride_vb + i_hk * stride_vh + o_dv, mask=m_dv, other=0.0).to(tl.float32)
     p_ck = cache_k + i_b * stride_ckb + i_hk * stride_ckh
     p_cv = cache_v + i_b * stride_cvb + i_hk * stride_cvh
-
-    b_max = tl.full([BG], float("-inf"), dtype=tl.float32)
-    b_sum = tl.zeros([BG], dtype=tl.float32)
-    b_acc = tl.zeros([BG, BDV], dtype=tl.float32)
-    for w0 in range(0, W, BW):
-        o_w = w0 + tl.arange(0, BW)
-        # Before the ring has filled (pos < W - 1) only slots 0..pos hold tokens.
-        m_w = (o_w < W) & (o_w <= pos)
-        is_new = (o_w == slot)[:, None]
-        b_k = tl.where(is_new, b_k_new[None, :], load_rows(p_ck, o_w, m_w, stride_ckw, o_d, m_d, stride_ckd))
-        b_v = tl.where(is_new, b_v_new[None, :], load_rows(p_cv, o_w, m_w, stride_cvw, o_dv, m_dv, stride_cvd))
-        # [BG, BW] scores as broadcast products: G and W are too small for the matrix units to pay.
-        b_s = tl.sum(b_q[:, None, :] * b_k.to(tl.float32)[None, :, :], 2) * scale_log2
-        b_s = tl.where(m_w[None, :], b_s, float("-inf"))
-        b_new_max = tl.maximum(b_max, tl.max(b_s, 1))  # finite: slot 0 is always valid
-        b_p = tl.exp2(b_s - b_new_max[:, None])
-        b_alpha = tl.exp2(b_max - b_new_max)
-        b_sum = b_sum * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.sum(b_p[:, :, None] * b_v.to(tl.float32)[None, :, :], 1)
-        b_max = b_new_max
-    b_o = b_acc / b_sum[:, None]
-    tl.store(o + i_b * stride_ob + (i_hk * G + o_g)[:, None] * stride_oh + o_dv[None, :],
-             b_o.to(o.dtype.element_ty), mask=m_g[:, None] & m_dv[None, :])
+    # The G query heads of a kv head one after another: their second reads of the keys hit the cache.
+    for g in tl.static_range(G):
+        i_h = i_hk * G + g
+        b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_d, mask=m_d, other=0.0).to(tl.float32)
+        # The new token starts the online softmax: running max = its score, sum = 1, accumulator = its value.
+        b_max = tl.sum(b_q * b_k_new, 0) * scale_log2
+        b_sum = tl.full([], 1.0, tl.float32)
+        b_acc = b_v_new
+        for i0 in range(0, W - 1, BW):
+            o_i = i0 + tl.arange(0, BW)
+            o_w = o_i + (o_i >= slot).to(tl.int32)  # the ring slots other than the one being overwritten
+            m_w = (o_i < W - 1) & (o_w < pos)  # before the ring fills, only slots below pos hold tokens
+            b_k = load_rows(p_ck, o_w, m_w, stride_ckw, o_d, m_d, stride_ckd).to(tl.float32)
+            b_v = load_rows(p_cv, o_w, m_w, stride_cvw, o_dv, m_dv, stride_cvd).to(tl.float32)
+            b_s = tl.where(m_w, tl.sum(b_k * b_q[None, :], 1) * scale_log2, float("-inf"))
+            b_new_max = tl.maximum(b_max, tl.max(b_s, 0))
+            b_p = tl.exp2(b_s - b_new_max)
+            b_alpha = tl.exp2(b_max - b_new_max)
+            b_sum = b_sum * b_alpha + tl.sum(b_p, 0)
+            b_acc = b_acc * b_alpha + tl.sum(b_p[:, None] * b_v, 0)
+            b_max = b_new_max
+        tl.store(o + i_b * stride_ob + i_h * stride_oh + o_dv, (b_acc / b_sum).to(o.dtype.element_ty), mask=m_dv)
     tl.store(p_ck + slot * stride_ckw + o_d * stride_ckd, b_k_new.to(cache_k.dtype.element_ty), mask=m_d)
     tl.store(p_cv + slot * stride_cvw + o_dv * stride_cvd, b_v_new.to(cache_v.dtype.element_ty), mask=m_dv)
 
@@ -76,15 +76,15 @@ def decode_step(q, k, v, cache_k, cache_v, pos, scale: float) -> torch.Tensor:
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     o = torch.empty(B, H, DV, device=q.device, dtype=q.dtype)
     on_device = isinstance(pos, torch.Tensor)
-    G = H // Hkv
-    BD, BDV = triton.next_power_of_2(D), triton.next_power_of_2(DV)
-    BG = triton.next_power_of_2(G)
-    # Keep the [BG, BW, BD] product within a few thousand registers' worth of elements.
-    BW = max(1, min(SLOTS_PER_BLOCK, triton.next_power_of_2(W), MAX_TILE // (BG * max(BD, BDV))))
+    if q.device.type != "cuda":
+        BW, launch = INTERPRETER_SLOTS, {}
+    else:
+        BW, num_warps = FEW_PROGRAMS if B * Hkv < multiprocessor_count(q.device) else MANY_PROGRAMS
+        launch = dict(num_warps=num_warps)
     _decode_kernel[(B * Hkv,)](
         q, k, v, cache_k, cache_v, o, pos if on_device else q, 0 if on_device else pos, W, scale * LOG2_E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         *cache_k.stride(), *cache_v.stride(),
-        HKV=Hkv, G=G, D=D, DV=DV, BG=BG, BW=BW, BD=BD, BDV=BDV, POS_ON_DEVICE=on_device,
-        **({} if q.device.type != "cuda" else dict(num_warps=NUM_WARPS)))
+        HKV=Hkv, G=H // Hkv, D=D, DV=DV, BW=BW, BD=triton.next_power_of_2(D), BDV=triton.next_power_of_2(DV),
+        POS_ON_DEVICE=on_device, **launch)
     return o
