@@ -14,6 +14,7 @@ from torch import nn
 from based.generation import check_input_ids, generate
 from based.models.checkpoint import load_pretrained, save_pretrained
 from based.nn import Block, GatedMlp, RMSNorm
+from based.nn.projection import project
 
 
 @dataclass
@@ -142,7 +143,7 @@ class CausalLM(nn.Module):
         residual = self.transformer.embeddings(input_ids)
         for layer, layer_cache in zip(self.transformer.layers, layer_caches):
             residual = layer(residual, layer_cache)
-        logits = self.lm_head(self.transformer.ln_f(residual))
+        logits = project(self.lm_head, self.transformer.ln_f(residual))
         if cache is not None:
             cache.position.add_(T)
         return logits

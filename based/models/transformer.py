@@ -17,6 +17,7 @@ from torch import nn
 from based.models.config import TransformerConfig
 from based.models.lm import CausalLM
 from based.nn._validate import check_cache_batch, check_cache_type, check_hidden_states, parameter_placement
+from based.nn.projection import project
 from based.nn.rotary import apply_rotary, token_positions
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -88,14 +89,14 @@ class CausalSelfAttention(nn.Module):
             check_cache_type(cache, KVCache, "CausalSelfAttention")
             check_cache_batch(cache.k.shape[0], x)
         positions = token_positions(T, None if cache is None else cache.position, x.device)
-        q, k, v = self.Wqkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
+        q, k, v = project(self.Wqkv, x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
         q, k = apply_rotary(q, positions, self.rotary_base), apply_rotary(k, positions, self.rotary_base)
         if cache is None:
             o = causal_attention(q, k, v)
         else:
             o = cached_attention(q, k.to(cache.k.dtype), v.to(cache.v.dtype), cache)
             cache.position.add_(T)
-        return self.out_proj(o.reshape(B, T, self.d_model))
+        return project(self.out_proj, o.reshape(B, T, self.d_model))
 
 
 def _use_flash_attn(q: torch.Tensor) -> bool:

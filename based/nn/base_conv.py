@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from based.nn._validate import check_cache_batch, check_hidden_states, parameter_placement
+from based.nn.projection import project
 from based.ops import causal_conv1d, causal_conv1d_step, gated_conv1d_step
 from based.ops.linear_attention.state import accumulation_dtype
 
@@ -80,9 +81,9 @@ class BaseConv(nn.Module):
                 raise TypeError(f"BaseConv needs a conv-state tensor cache (from its new_cache), "
                                 f"got {type(cache).__name__}")
             check_cache_batch(cache.shape[0], x)
-        u1, u2 = self.in_proj(x).split(self.d_inner, dim=-1)
+        u1, u2 = project(self.in_proj, x).split(self.d_inner, dim=-1)
         if cache is not None and x.shape[1] == 1:
             # Conv step, silu and gate in one launch on a GPU: decode runs this once per token and layer.
             y = gated_conv1d_step(u1[:, 0], u2[:, 0], cache, self.conv.weight)
-            return self.out_proj(y[:, None])
-        return self.out_proj(F.silu(self.conv(u1, cache)) * u2)
+            return project(self.out_proj, y[:, None])
+        return project(self.out_proj, F.silu(self.conv(u1, cache)) * u2)

@@ -32,4 +32,4 @@ class Block(nn.Module):
         """`residual` `[B, T, d_model]` (any float dtype; summed in at least fp32) -> the updated residual."""
         residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
         hidden, residual = self.norm2(self.mixer(self.norm1(residual), cache), residual=residual)
-        return residual + self.mlp(hidden)
+        return self.mlp(hidden, residual=residual)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from based.nn._validate import check_cache_batch, check_cache_type, check_hidden_states, parameter_placement
+from based.nn.projection import project
 from based.ops import LinearAttentionState, linear_attention, linear_attention_step
 from based.ops.linear_attention.state import accumulation_dtype
 
@@ -47,9 +48,9 @@ class LinearAttention(nn.Module):
         """`x` `[B, T, d_model]` -> `[B, T, d_model]`; with `cache`, continue from it and advance it."""
         check_hidden_states(x, self.d_model)
         B, T, _ = x.shape
-        q = self.proj_q(x).view(B, T, self.num_heads, self.feature_dim)
-        k = self.proj_k(x).view(B, T, self.num_heads, self.feature_dim)
-        v = self.proj_v(x).view(B, T, self.num_heads, self.head_dim)
+        q = project(self.proj_q, x).view(B, T, self.num_heads, self.feature_dim)
+        k = project(self.proj_k, x).view(B, T, self.num_heads, self.feature_dim)
+        v = project(self.proj_v, x).view(B, T, self.num_heads, self.head_dim)
         if cache is None:
             o = linear_attention(q, k, v, eps=self.eps)
         else:
@@ -61,4 +62,4 @@ class LinearAttention(nn.Module):
                 o, state = linear_attention(q, k, v, eps=self.eps, initial_state=cache, return_state=True)
                 cache.kv.copy_(state.kv)
                 cache.ksum.copy_(state.ksum)
-        return self.out_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+        return project(self.out_proj, o.reshape(B, T, self.num_heads * self.head_dim))

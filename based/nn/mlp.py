@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from based.nn.projection import project
 
 
 class GatedMlp(nn.Module):
@@ -18,6 +19,7 @@ class GatedMlp(nn.Module):
         self.fc1 = nn.Linear(d_model, 2 * hidden_dim, bias=False, device=device, dtype=dtype)
         self.fc2 = nn.Linear(hidden_dim, d_model, bias=False, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = self.fc1(x).chunk(2, dim=-1)
-        return self.fc2(value * F.silu(gate))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`x` `[..., d_model]` -> the MLP output, or `residual +` it (summed in fp32 for an fp32 residual:
+        one fused kernel with the last projection when decoding one token on a GPU)."""
+        return project(self.fc2, project(self.fc1, x, gated=True), residual=residual)

@@ -1,0 +1,72 @@
+"""Public entry point of the fused linear op: argument checks, then backend dispatch."""
+from __future__ import annotations
+
+import torch
+
+from based.ops._backend import resolve_backend, triton_available
+from based.ops._validate import KERNEL_DTYPES, check_same_device, check_shape, check_tensor
+from based.ops.linear.reference import linear_torch
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           residual: torch.Tensor | None = None, gated: bool = False, backend: str = "auto") -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, optionally followed by the SwiGLU gate and a residual add.
+
+    With `gated`, the weight's first half of rows makes the value and its second half the gate (the layout
+    of `GatedMlp.fc1`), and the result is `value * silu(gate)`. With `residual`, the result is
+    `residual + y`, in the promoted dtype of the two (the blocks' fp32 residual stream).
+
+    Args:
+        x: `[..., in_features]`; fp16, bf16, fp32 (fp64 on the torch backend).
+        weight: `[out_features, in_features]` (`[2 * out_features, in_features]` when gated), x's dtype.
+        bias: optional `[weight.shape[0]]`, x's dtype.
+        residual: optional `[..., out_features]`, x's leading dims.
+        backend: "auto" (the Triton matrix-vector kernel on CUDA for a single row of x, as a batch-1 decode
+            step has, when no gradient is needed; else the reference, cuBLAS plus elementwise ops),
+            "torch" or "triton" (one row only, inference only: its output carries no gradient).
+
+    Returns:
+        `[..., out_features]` in x's dtype, or in the promoted dtype of x and residual with a residual.
+        The Triton kernel accumulates in fp32 and applies bias, gate and residual before rounding once.
+    """
+    check_tensor("x", x, ndim=None)
+    check_tensor("weight", weight, ndim=2)
+    if not isinstance(gated, bool):
+        raise TypeError(f"gated must be a bool, got {type(gated).__name__}")
+    rows, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x's last dim ({x.shape[-1]}) must equal weight's in_features ({in_features})")
+    if gated and rows % 2:
+        raise ValueError(f"a gated weight stacks value and gate rows, so needs an even row count, got {rows}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x and weight must share a dtype, got {x.dtype} and {weight.dtype}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        check_shape("bias", bias, (rows,))
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
+    out_features = rows // 2 if gated else rows
+    if residual is not None:
+        check_tensor("residual", residual, ndim=None)
+        check_shape("residual", residual, (*x.shape[:-1], out_features))
+    check_same_device(x=x, weight=weight, bias=bias, residual=residual)
+    if backend == "auto" and not _kernel_supports(x, weight, bias, residual):
+        backend = "torch"
+    impl = resolve_backend("linear", backend, x.device, _implementations())
+    return impl(x, weight, bias, residual, gated)
+
+
+def _kernel_supports(x, weight, bias, residual) -> bool:
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, residual))
+    return (not needs_grad and x.numel() == x.shape[-1] > 0 and weight.shape[0] > 0 and x.dtype in KERNEL_DTYPES
+            and (residual is None or residual.dtype in KERNEL_DTYPES))
+
+
+def _implementations():
+    impls = {"torch": linear_torch}
+    if triton_available():
+        from based.ops.linear.triton_gemv import linear_triton  # noqa: PLC0415 (needs triton)
+
+        impls["triton"] = linear_triton
+    return impls

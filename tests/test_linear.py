@@ -1,0 +1,119 @@
+"""The fused linear op (gate, bias, residual add) against the float64 formula; the Triton matrix-vector
+kernel in the interpreter on CPU and compiled on a GPU."""
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from based.ops import linear
+from tests.helpers import assert_close
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.usefixtures("nan_filled_allocations")
+
+
+def formula(x, weight, bias, residual, gated):
+    y = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    if gated:
+        value, gate = y.chunk(2, dim=-1)
+        y = value * gate * torch.sigmoid(gate)
+    return y if residual is None else residual.double() + y
+
+
+def check(leading, K, N, dtype, gated, with_bias, with_residual, backend, device):
+    rows = 2 * N if gated else N
+    x = torch.randn(*leading, K, device=device, dtype=dtype)
+    weight = (torch.randn(rows, K, device=device) / K**0.5).to(dtype)
+    bias = torch.randn(rows, device=device, dtype=dtype) if with_bias else None
+    residual = torch.randn(*leading, N, device=device) if with_residual else None
+    out = linear(x, weight, bias, residual=residual, gated=gated, backend=backend)
+    assert out.shape == (*leading, N)
+    assert out.dtype == (dtype if residual is None else torch.promote_types(dtype, torch.float32))
+    assert_close(out, formula(x, weight, bias, residual, gated), dtype)
+
+
+# One row (a batch-1 decode step) in every leading shape the layers pass, odd K and N.
+SHAPES = st.tuples(st.sampled_from([(1,), (1, 1), ()]), st.sampled_from([1, 16, 63, 130]),
+                   st.sampled_from([1, 24, 64, 130]))
+
+
+@settings(max_examples=20)
+@given(shape=SHAPES, dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]), gated=st.booleans(),
+       with_bias=st.booleans(), with_residual=st.booleans())
+def test_reference_matches_formula(shape, dtype, gated, with_bias, with_residual):
+    check(*shape, dtype, gated, with_bias, with_residual, "torch", "cpu")
+
+
+@settings(max_examples=8)
+@given(leading=st.sampled_from([(3,), (2, 5)]), gated=st.booleans(), with_residual=st.booleans())
+def test_reference_takes_many_rows(leading, gated, with_residual):
+    check(leading, 16, 24, torch.float32, gated, True, with_residual, "torch", "cpu")
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="set TRITON_INTERPRET=1 to run the kernel on CPU")
+@settings(max_examples=20)
+@given(shape=SHAPES, dtype=st.sampled_from([torch.float32, torch.bfloat16]), gated=st.booleans(),
+       with_bias=st.booleans(), with_residual=st.booleans())
+def test_interpreted_kernel_matches_formula(shape, dtype, gated, with_bias, with_residual):
+    check(*shape, dtype, gated, with_bias, with_residual, "triton", "cpu")
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="set TRITON_INTERPRET=1 to run the kernel on CPU")
+def test_interpreted_kernel_takes_a_strided_weight_and_rejects_many_rows():
+    weight = torch.randn(40, 24)[::2]  # rows two apart
+    x = torch.randn(1, 24)
+    assert_close(linear(x, weight, backend="triton"), formula(x, weight, None, None, False), torch.float32)
+    with pytest.raises(ValueError, match="takes one row"):
+        linear(torch.randn(2, 24), weight, backend="triton")
+
+
+def test_gradients_flow_through_auto():
+    """With a gradient needed, "auto" takes the differentiable reference (the kernel is inference only)."""
+    x = torch.randn(1, 16, requires_grad=True)
+    weight = torch.randn(8, 16, requires_grad=True)
+    linear(x, weight, gated=True).sum().backward()
+    assert x.grad is not None and weight.grad is not None
+
+
+@pytest.mark.parametrize("make, error, words", [
+    (lambda x, w, b, r: dict(x="x", weight=w), TypeError, "x must be a torch.Tensor"),
+    (lambda x, w, b, r: dict(x=x[0, 0], weight=w), ValueError, "x must have at least one dimension"),
+    (lambda x, w, b, r: dict(x=x, weight=w[0]), ValueError, "weight must have 2 dimensions"),
+    (lambda x, w, b, r: dict(x=x[:, :3], weight=w), ValueError, "must equal weight's in_features"),
+    (lambda x, w, b, r: dict(x=x, weight=w[:5], gated=True), ValueError, "even row count"),
+    (lambda x, w, b, r: dict(x=x, weight=w, gated=1), TypeError, "gated must be a bool"),
+    (lambda x, w, b, r: dict(x=x.double(), weight=w), TypeError, "must share a dtype"),
+    (lambda x, w, b, r: dict(x=x, weight=w, bias=b[:3]), ValueError, "bias must have shape"),
+    (lambda x, w, b, r: dict(x=x, weight=w, bias=b.double()), TypeError, "bias must have weight's dtype"),
+    (lambda x, w, b, r: dict(x=x, weight=w, residual=r[:, :2]), ValueError, "residual must have shape"),
+    (lambda x, w, b, r: dict(x=x, weight=w, residual=r.to("meta")), ValueError, "residual on meta"),
+    (lambda x, w, b, r: dict(x=x.int(), weight=w.int()), TypeError, "x has dtype int32"),
+])
+def test_bad_inputs_raise(make, error, words):
+    x, w, b, r = torch.randn(1, 8), torch.randn(6, 8), torch.randn(6), torch.randn(1, 6)
+    with pytest.raises(error, match=words):
+        linear(**make(x, w, b, r))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K, N", [(1, 1), (63, 130), (1792, 7168), (3584, 1792), (1792, 256), (2048, 50264)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("gated, with_bias, with_residual", [(False, False, False), (False, True, True),
+                                                             (True, False, False), (True, True, True)])
+def test_gpu_kernel_matches_formula(K, N, dtype, gated, with_bias, with_residual):
+    check((1, 1), K, N, dtype, gated, with_bias, with_residual, "triton", "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_replays_from_a_cuda_graph():
+    x = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(96, 64, device="cuda", dtype=torch.bfloat16)
+    linear(x, weight, gated=True)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = linear(x, weight, gated=True)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert_close(out, formula(x, weight, None, None, True), torch.bfloat16)
