@@ -82,12 +82,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def prefill(model, args):
     """(cache, next token, seconds): a timed batch-1 prefill of a random prompt, its caches sized for the
-    whole generation plus the decode warm-up."""
+    whole generation plus the decode warm-up. An untimed prefill of the same prompt runs first, so kernel
+    compilation and library initialisation are not counted."""
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.to(args.device)
+    model(prompt, cache=model.new_cache(1, args.prompt_len))
     cache = model.new_cache(1, args.prompt_len + args.gen_len + DecodeStep.steps_before_replay())
     synchronize(args.device)
     start = time.perf_counter()
-    logits = model(prompt.to(args.device), cache=cache)
+    logits = model(prompt, cache=cache)
     synchronize(args.device)
     return cache, logits[:, -1].argmax(-1), time.perf_counter() - start
 
@@ -145,7 +148,8 @@ def plot(path: str, rows: list[dict], title: str) -> None:
         if points:
             ax.plot(*zip(*points), marker="o", label=model)
     batches = sorted({row["batch"] for row in rows})
-    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="generated tokens / s", title=title)
+    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="generated tokens / s")
+    ax.set_title(title, fontsize=10)
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
     ax.grid(True, axis="x", alpha=0.3)
