@@ -45,3 +45,10 @@ def test_gpu_benchmarks_check_their_output_path_and_need_a_gpu(script):
     if not torch.cuda.is_available():
         result = run_script(script)
         assert result.returncode == 1 and "no CUDA device" in result.stderr
+
+
+def test_linear_benchmark_needs_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("checks the message on a machine without CUDA")
+    result = run_script("linear.py")
+    assert result.returncode == 1 and "no CUDA device" in result.stderr
