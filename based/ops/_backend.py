@@ -23,9 +23,19 @@ def triton_available() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def multiprocessor_count(device: torch.device) -> int:
-    """SMs of a CUDA device: decode kernels pick a latency-bound config when their programs do not fill them."""
+def _multiprocessor_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_launch(device: torch.device, programs: int, few: tuple[int, int], many: tuple[int, int],
+                  interpreted_block: int) -> tuple[int, dict]:
+    """(block size, launch options) of a decode kernel with `programs` programs: `few` (block, warps) when they
+    do not fill the SMs (batch 1: latency-bound, so one big block), else `many` (bandwidth-bound); the Triton
+    interpreter gets `interpreted_block` and no launch options."""
+    if device.type != "cuda":
+        return interpreted_block, {}
+    block, num_warps = few if programs < _multiprocessor_count(device) else many
+    return block, dict(num_warps=num_warps)
 
 
 def cuda_extension_available() -> bool:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from based.ops._backend import multiprocessor_count
+from based.ops._backend import decode_launch
 from based.ops._validate import check_kernel_dtype
 from based.ops.feature_map.reference import second_order_index
 
@@ -98,11 +98,7 @@ def _step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     o = torch.empty(B, H, DV, device=q.device, dtype=v.dtype)
     pair_a, pair_b, pair_c = feature_pairs(d, q.device)
-    if q.device.type != "cuda":
-        BF, launch = INTERPRETER_FEATURES, {}
-    else:
-        BF, num_warps = FEW_PROGRAMS if B * H < multiprocessor_count(q.device) else MANY_PROGRAMS
-        launch = dict(num_warps=num_warps)
+    BF, launch = decode_launch(q.device, B * H, FEW_PROGRAMS, MANY_PROGRAMS, INTERPRETER_FEATURES)
     _step_kernel[(B * H,)](
         q, k, v, kv, ksum, o, pair_a, pair_b, pair_c, kv.shape[2], eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from based.ops._backend import multiprocessor_count
+from based.ops._backend import decode_launch
 from based.ops.sliding_window.triton_common import LOG2_E, load_rows
 
 # Slots per block and warps, chosen on an H200 (window 129, head dim 112, bf16): with 1024 x 16 programs,
@@ -76,11 +76,7 @@ def decode_step(q, k, v, cache_k, cache_v, pos, scale: float) -> torch.Tensor:
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     o = torch.empty(B, H, DV, device=q.device, dtype=q.dtype)
     on_device = isinstance(pos, torch.Tensor)
-    if q.device.type != "cuda":
-        BW, launch = INTERPRETER_SLOTS, {}
-    else:
-        BW, num_warps = FEW_PROGRAMS if B * Hkv < multiprocessor_count(q.device) else MANY_PROGRAMS
-        launch = dict(num_warps=num_warps)
+    BW, launch = decode_launch(q.device, B * Hkv, FEW_PROGRAMS, MANY_PROGRAMS, INTERPRETER_SLOTS)
     _decode_kernel[(B * Hkv,)](
         q, k, v, cache_k, cache_v, o, pos if on_device else q, 0 if on_device else pos, W, scale * LOG2_E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
