@@ -27,6 +27,12 @@ def _multiprocessor_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def grad_needed(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd would record an op on any of `tensors` (None entries skipped): the inference-only
+    kernels then give way to the differentiable reference under "auto"."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def decode_launch(device: torch.device, programs: int, few: tuple[int, int], many: tuple[int, int],
                   interpreted_block: int) -> tuple[int, dict]:
     """(block size, launch options) of a decode kernel with `programs` programs: `few` (block, warps) when they

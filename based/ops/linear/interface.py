@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from based.ops._backend import resolve_backend, triton_available
+from based.ops._backend import grad_needed, resolve_backend, triton_available
 from based.ops._validate import KERNEL_DTYPES, check_same_device, check_shape, check_tensor
 from based.ops.linear.reference import linear_torch
 
@@ -57,9 +57,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _kernel_supports(x, weight, bias, residual) -> bool:
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, residual))
-    return (not needs_grad and x.numel() == x.shape[-1] > 0 and weight.shape[0] > 0 and x.dtype in KERNEL_DTYPES
+    return (not grad_needed(x, weight, bias, residual) and x.numel() == x.shape[-1] > 0 and weight.shape[0] > 0 and x.dtype in KERNEL_DTYPES
             and (residual is None or residual.dtype in KERNEL_DTYPES))
 
 
