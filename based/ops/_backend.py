@@ -37,11 +37,27 @@ def decode_launch(device: torch.device, programs: int, few: tuple[int, int], man
                   interpreted_block: int) -> tuple[int, dict]:
     """(block size, launch options) of a decode kernel with `programs` programs: `few` (block, warps) when they
     do not fill the SMs (batch 1: latency-bound, so one big block), else `many` (bandwidth-bound); the Triton
-    interpreter gets `interpreted_block` and no launch options."""
+    interpreter gets `interpreted_block` and no launch options. The options include `chain_options`."""
     if device.type != "cuda":
-        return interpreted_block, {}
+        return interpreted_block, chain_options(device)
     block, num_warps = few if programs < _multiprocessor_count(device) else many
-    return block, dict(num_warps=num_warps)
+    return block, dict(num_warps=num_warps, **chain_options(device))
+
+
+def chained_launch(device: torch.device) -> bool:
+    """Whether to launch a decode kernel with programmatic dependent launch (PDL): on Hopper and newer, while a
+    CUDA graph is being captured. A chained kernel may start while the kernel before it finishes; it lets the
+    next kernel start too and waits for the previous one before touching any activation or cache (the GEMV
+    reads its first weight tile before waiting: weights must not be written inside the same graph). Eager
+    decoding is bound by host launches, where chaining buys nothing, so it stays off there."""
+    return (device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def chain_options(device: torch.device) -> dict:
+    """The arguments that chain a decode kernel (one with a `PDL` constexpr) when `chained_launch` says so:
+    the constexpr and Triton's `launch_pdl` launch option."""
+    return dict(PDL=True, launch_pdl=True) if chained_launch(device) else dict(PDL=False)
 
 
 def cuda_extension_available() -> bool:

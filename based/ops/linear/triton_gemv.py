@@ -2,14 +2,18 @@
 
 A batch-1 decode step is a chain of matrix-vector products, so it is bound by reading the weights. Each
 program owns BN output rows, accumulates `w * x` elementwise in a [BN, BK] fp32 tile over K and reduces it
-once at the end. The gate (`value * silu(gate)`, the value and gate rows read by the same program), bias and
-residual add happen on the accumulator, so they cost no extra launch and no rounding in between.
+once at the end; the next weight tile is loaded before the current one is used, so two are in flight. The gate
+(`value * silu(gate)`, the value and gate rows read by the same program), bias and residual add happen on the
+accumulator, so they cost no extra launch and no rounding in between.
 
-Measured on an H200 inside Based-1.3B's batch-1 step (weights streamed from HBM): 159 launches read the 2.7 GB
-in 1.45 ms, ~1.9 TB/s, the same GPU time as cuBLAS's GEMVs (1.25 ms, some with a split-K reduction) plus the
-separate silu, multiply and residual-add kernels the fusion removes (0.2 ms). The configs below come from a
-sweep that re-read the same matrix, i.e. from L2 (where 25.7 MB took 5.1 us against cuBLAS's 7.4): they
-still need tuning with cold caches.
+Inside a captured decode graph on Hopper the kernel is chained to the previous one (`_backend.chain_options`):
+it loads its first weight tile before waiting for the kernel that produces x, so the weight stream does not
+stop at kernel boundaries. Weights must therefore not be written earlier in the same graph.
+
+Launch shapes from `python benchmarks/linear.py --sweep` on an H200, weights cycled through 3x L2 so they come
+from HBM, ~2-6% from the best shape of each projection: 4 rows x 256 for tall matrices (the 7168- and 5376-row
+projections, the 50264-row lm_head: 68-93% of copy bandwidth), 2 rows x 1024 for the 1792-row ones, whose
+2-4 us are mostly launch and memory latency.
 
 Inference only: `linear` uses the reference whenever a gradient is needed.
 """
@@ -22,10 +26,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# (rows per program, K per iteration, warps, stages), from the L2-resident sweep on an H200 (bf16): tall
-# matrices did best with 16-row tiles pipelined 3 deep, short ones with 4 rows per program (more programs).
-TALL = (16, 256, 4, 3)
-SHORT = (4, 512, 4, 1)
+from based.ops._backend import chain_options
+from based.ops._triton import let_next_kernel_start, wait_for_previous_kernel
+
+# (rows per program, K per iteration, warps); a gated program takes half the rows of each half.
+TALL = (4, 256, 4)
+SHORT = (2, 1024, 4)
 TALL_ROWS = 4096
 INTERPRETER = (4, 32)
 
@@ -33,21 +39,30 @@ INTERPRETER = (4, 32)
 @triton.jit
 def _gemv_kernel(x, w, bias, residual, y, N, K, stride_w,
                  BN: tl.constexpr, BK: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_RESIDUAL: tl.constexpr):
+                 HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+    let_next_kernel_start(PDL)
     i_n = tl.program_id(0)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
+    o_k = tl.arange(0, BK)
+    p_w = w + o_n[:, None] * stride_w + o_k[None, :]
+    gate_rows = N * stride_w  # the gate rows sit N rows below the value rows
+    m_w = m_n[:, None] & (o_k < K)[None, :]
+    b_w = tl.load(p_w, mask=m_w, other=0.0)
+    b_wg = tl.load(p_w + gate_rows, mask=m_w, other=0.0) if GATED else b_w
+    wait_for_previous_kernel(PDL)
     b_acc = tl.zeros([BN, BK], dtype=tl.float32)
     b_acc_gate = tl.zeros([BN, BK], dtype=tl.float32)
     for k0 in range(0, K, BK):
-        o_k = k0 + tl.arange(0, BK)
-        m_k = o_k < K
-        m_w = m_n[:, None] & m_k[None, :]
-        b_x = tl.load(x + o_k, mask=m_k, other=0.0).to(tl.float32)[None, :]
-        p_w = w + o_n[:, None] * stride_w + o_k[None, :]
-        b_acc += tl.load(p_w, mask=m_w, other=0.0).to(tl.float32) * b_x
-        if GATED:  # the gate rows sit N rows below the value rows
-            b_acc_gate += tl.load(p_w + N * stride_w, mask=m_w, other=0.0).to(tl.float32) * b_x
+        b_x = tl.load(x + k0 + o_k, mask=k0 + o_k < K, other=0.0).to(tl.float32)[None, :]
+        m_next = m_n[:, None] & (k0 + BK + o_k < K)[None, :]
+        b_w_next = tl.load(p_w + k0 + BK, mask=m_next, other=0.0)
+        b_acc += b_w.to(tl.float32) * b_x
+        b_w = b_w_next
+        if GATED:
+            b_wg_next = tl.load(p_w + gate_rows + k0 + BK, mask=m_next, other=0.0)
+            b_acc_gate += b_wg.to(tl.float32) * b_x
+            b_wg = b_wg_next
     b_y = tl.sum(b_acc, 1)
     if HAS_BIAS:
         b_y += tl.load(bias + o_n, mask=m_n, other=0.0).to(tl.float32)
@@ -71,13 +86,14 @@ def _gemv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Option
     if x.device.type != "cuda":
         (BN, BK), launch = INTERPRETER, {}
     else:
-        BN, BK, num_warps, num_stages = TALL if weight.shape[0] >= TALL_ROWS else SHORT
+        BN, BK, num_warps = TALL if weight.shape[0] >= TALL_ROWS else SHORT
         BN = BN // 2 if gated else BN  # a gated program reads its value rows and as many gate rows
-        launch = dict(num_warps=num_warps, num_stages=num_stages)
+        # One stage: the kernel double-buffers its weight tiles itself.
+        launch = dict(num_warps=num_warps, num_stages=1)
     _gemv_kernel[(triton.cdiv(N, BN),)](
         x_row, weight, bias if bias is not None else x_row, residual.reshape(N) if residual is not None else y,
         y, N, K, weight.stride(0), BN=BN, BK=BK, GATED=gated, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, **launch)
+        HAS_RESIDUAL=residual is not None, **launch, **chain_options(x.device))
     return y
 
 

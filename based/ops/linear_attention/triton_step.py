@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from based.ops._backend import decode_launch
+from based.ops._triton import let_next_kernel_start, wait_for_previous_kernel
 from based.ops._validate import check_kernel_dtype
 from based.ops.feature_map.reference import second_order_index
 
@@ -57,8 +58,10 @@ def _step_kernel(
     q, k, v, kv, ksum, o, pair_a, pair_b, pair_c, E, eps,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_ob, stride_oh,
     stride_sb, stride_sh, stride_se, stride_zb, stride_zh,
-    H: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, NORMALIZE: tl.constexpr,
+    H: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, NORMALIZE: tl.constexpr, PDL: tl.constexpr,
 ):
+    let_next_kernel_start(PDL)
+    wait_for_previous_kernel(PDL)
     i_bh = tl.program_id(0)
     i_b, i_h = i_bh // H, i_bh % H
     o_c = tl.arange(0, BV)

@@ -13,10 +13,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from based.ops._backend import chain_options
+from based.ops._triton import let_next_kernel_start, wait_for_previous_kernel
+
 
 @triton.jit
 def _rms_norm_kernel(x, residual, weight, y, s, D, eps, stride_x, stride_r, stride_y, stride_s,
-                     BD: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                     BD: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+    let_next_kernel_start(PDL)
+    wait_for_previous_kernel(PDL)
     i_row = tl.program_id(0)
     o_d = tl.arange(0, BD)
     m_d = o_d < D
@@ -41,7 +46,8 @@ def _rms_norm_op(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: flo
     if rows.shape[0]:
         _rms_norm_kernel[(rows.shape[0],)](
             rows, res, weight, y_rows, s_rows, D, eps, rows.stride(0), res.stride(0), y_rows.stride(0),
-            s_rows.stride(0), BD=triton.next_power_of_2(D), HAS_RESIDUAL=residual is not None)
+            s_rows.stride(0), BD=triton.next_power_of_2(D), HAS_RESIDUAL=residual is not None,
+            **chain_options(x.device))
     return y, s
 
 

@@ -10,6 +10,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from based.ops._backend import chain_options
+from based.ops._triton import let_next_kernel_start, wait_for_previous_kernel
 from based.ops.rotary.reference import inverse_frequencies
 
 
@@ -23,7 +25,9 @@ def _cached_inverse_frequencies(dim: int, base: float, device: torch.device) -> 
 @triton.jit
 def _rotary_kernel(x, positions, inv_freq, out, T, H,
                    stride_xb, stride_xt, stride_xh, stride_ob, stride_ot, stride_oh,
-                   HALF: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr):
+                   HALF: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr, PDL: tl.constexpr):
+    let_next_kernel_start(PDL)
+    wait_for_previous_kernel(PDL)
     i_bt = tl.program_id(0)
     i_b, i_t = i_bt // T, i_bt % T
     o_h = tl.arange(0, BH)
@@ -49,7 +53,8 @@ def _rotary_op(x: Tensor, positions: Tensor, base: float) -> Tensor:
         _rotary_kernel[(B * T,)](
             x, positions, _cached_inverse_frequencies(D, base, x.device), out, T, H,
             x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            HALF=D // 2, BH=triton.next_power_of_2(H), BP=triton.next_power_of_2(D // 2))
+            HALF=D // 2, BH=triton.next_power_of_2(H), BP=triton.next_power_of_2(D // 2),
+            **chain_options(x.device))
     return out
 
 

@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from based.ops._backend import chain_options
+from based.ops._triton import let_next_kernel_start, wait_for_previous_kernel
 from based.ops._validate import check_kernel_dtype
 
 CHANNELS_PER_BLOCK = 128
@@ -26,8 +28,10 @@ def _step_kernel(
     x, gate, conv_state, weight, bias, y, D, K,
     stride_xb, stride_xd, stride_gb, stride_gd, stride_sb, stride_sd, stride_sk, stride_wd, stride_wk,
     stride_bias, stride_yb,
-    BD: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+    BD: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
 ):
+    let_next_kernel_start(PDL)
+    wait_for_previous_kernel(PDL)
     i_b, i_d = tl.program_id(0), tl.program_id(1)
     o_d = i_d * BD + tl.arange(0, BD)
     o_k = tl.arange(0, BK)
@@ -65,7 +69,7 @@ def _step_op(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tenso
         x, gate_or_x, conv_state, weight, bias_or_x, y, D, K,
         *x.stride(), *gate_or_x.stride(), *conv_state.stride(), *weight.stride(), bias_or_x.stride(0), y.stride(0),
         BD=CHANNELS_PER_BLOCK, BK=triton.next_power_of_2(K), HAS_BIAS=bias is not None, GATED=gate is not None,
-        num_warps=NUM_WARPS)
+        num_warps=NUM_WARPS, **chain_options(x.device))
     return y
 
 

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from based.ops._backend import decode_launch
+from based.ops._triton import let_next_kernel_start, wait_for_previous_kernel
 from based.ops.sliding_window.triton_common import LOG2_E, load_rows
 
 # Slots per block and warps, chosen on an H200 (window 129, head dim 112, bf16): with 1024 x 16 programs,
@@ -30,8 +31,10 @@ def _decode_kernel(
     stride_ckb, stride_ckw, stride_ckh, stride_ckd,
     stride_cvb, stride_cvw, stride_cvh, stride_cvd,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BW: tl.constexpr,
-    BD: tl.constexpr, BDV: tl.constexpr, POS_ON_DEVICE: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, POS_ON_DEVICE: tl.constexpr, PDL: tl.constexpr,
 ):
+    let_next_kernel_start(PDL)
+    wait_for_previous_kernel(PDL)
     i_bhk = tl.program_id(0)
     i_b, i_hk = i_bhk // HKV, i_bhk % HKV
     pos = tl.load(pos_ptr) if POS_ON_DEVICE else pos_value
