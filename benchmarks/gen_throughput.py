@@ -33,9 +33,8 @@ from _common import (DTYPES, attention_kernel, banner, check_out_path, copy_band
 from torch.utils._pytree import tree_leaves
 
 from based.generation import DecodeStep
-from based.ops._backend import cuda_extension_available, triton_available
-
 from based.models import BasedConfig, BasedLM, Transformer, TransformerConfig
+from based.ops.linear_attention.interface import step_backend
 
 
 def model_configs(name: str) -> tuple[BasedConfig, TransformerConfig]:
@@ -161,9 +160,7 @@ def plot(path: str, rows: list[dict], title: str) -> None:
 
 def based_kernels(device: torch.device) -> str:
     """What runs Based's linear-attention decode step here (the other layers use Triton on a GPU)."""
-    if device.type != "cuda":
-        return "torch"
-    return "Triton step" if triton_available() else "based._C step" if cuda_extension_available() else "torch"
+    return {"triton": "Triton step", "cuda": "based._C step", "torch": "torch"}[step_backend(device)]
 
 
 def summarise(rows: list[dict], models: dict, prefill_seconds: dict, args) -> dict:

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from based.ops import linear
+from based.ops._backend import chain_options
 from tests.helpers import assert_close
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -74,6 +75,10 @@ def test_interpreted_kernel_takes_a_strided_weight_and_rejects_many_rows():
         linear(torch.randn(2, 24), weight, backend="triton")
 
 
+def test_kernels_are_not_chained_outside_a_gpu_graph_capture():
+    assert chain_options(torch.device("cpu")) == {"PDL": False}
+
+
 def test_gradients_flow_through_auto():
     """With a gradient needed, "auto" takes the differentiable reference (the kernel is inference only)."""
     x = torch.randn(1, 16, requires_grad=True)
@@ -122,3 +127,42 @@ def test_gpu_kernel_replays_from_a_cuda_graph():
     x.copy_(torch.randn_like(x))
     graph.replay()
     assert_close(out, formula(x, weight, None, None, True), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_are_chained_while_capturing_on_hopper():
+    device = torch.device("cuda")
+    assert chain_options(device) == {"PDL": False}
+    during_capture = {}
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+        during_capture.update(chain_options(device))
+    assert during_capture["PDL"] == (torch.cuda.get_device_capability()[0] >= 9)
+
+
+@pytest.mark.gpu
+def test_gpu_chained_kernels_read_what_the_previous_kernel_wrote():
+    """Dependent GEMVs in one graph (chained on Hopper: each starts before the previous one ends), one of them
+    on a transposed weight, whose contiguous copy is written just before it."""
+    dtype = torch.bfloat16
+    x = torch.randn(1, 1, 320, device="cuda", dtype=dtype)
+    w1 = torch.randn(2 * 4608, 320, device="cuda", dtype=dtype) / 320**0.5
+    w2 = torch.randn(4608, 700, device="cuda", dtype=dtype).T / 4608**0.5  # [700, 4608], unit stride along rows
+    w3 = torch.randn(320, 700, device="cuda", dtype=dtype) / 700**0.5
+    residual = torch.randn(1, 1, 320, device="cuda")
+
+    def chain():
+        h1 = linear(x, w1, gated=True)
+        h2 = linear(h1, w2)
+        return h1, h2, linear(h2, w3, residual=residual)
+
+    chain()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        h1, h2, out = chain()
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        residual.copy_(torch.randn_like(residual))
+        graph.replay()
+        assert_close(h1, formula(x, w1, None, None, True), dtype)
+        assert_close(h2, formula(h1, w2, None, None, False), dtype)
+        assert_close(out, formula(h2, w3, None, residual, False), dtype)

@@ -68,6 +68,16 @@ def cuda_extension_available() -> bool:
     return True
 
 
+def auto_backend(device: torch.device, implementations: Mapping[str, Callable],
+                 auto_order: tuple[str, ...] = ("cuda", "triton")) -> str:
+    """The name of the implementation "auto" takes on `device` (see `resolve_backend`)."""
+    if device.type == "cuda":
+        for name in auto_order:
+            if name in implementations and _supported(name, device):
+                return name
+    return "torch"
+
+
 def resolve_backend(
     op: str,
     backend: str,
@@ -84,11 +94,7 @@ def resolve_backend(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if device.type == "cuda":
-            for name in auto_order:
-                if name in implementations and _supported(name, device):
-                    return implementations[name]
-        return implementations["torch"]
+        return implementations[auto_backend(device, implementations, auto_order)]
     if backend not in implementations:
         have = ", ".join(sorted(implementations))
         raise ValueError(f"{op} has no {backend!r} backend (available: {have})")

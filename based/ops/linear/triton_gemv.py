@@ -78,7 +78,9 @@ def _gemv_kernel(x, w, bias, residual, y, N, K, stride_w,
 
 
 @torch.library.custom_op("based::gemv", mutates_args=())
-def _gemv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], gated: bool) -> Tensor:
+def _gemv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], gated: bool,
+             chain: bool) -> Tensor:
+    """`chain`: may the kernel be chained (`chain_options`), i.e. read weights before the previous kernel ends."""
     K = x.shape[-1]
     N = weight.shape[0] // 2 if gated else weight.shape[0]
     x_row = x.reshape(K)
@@ -94,12 +96,13 @@ def _gemv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Option
     _gemv_kernel[(triton.cdiv(N, BN),)](
         x_row, weight, bias if bias is not None else x_row, residual.reshape(N) if residual is not None else y,
         y, N, K, weight.stride(0), BN=BN, BK=BK, GATED=gated, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, **launch, **chain_options(x.device))
+        HAS_RESIDUAL=residual is not None, **launch,
+        **(chain_options(x.device) if chain else dict(PDL=False)))
     return y
 
 
 @_gemv_op.register_fake
-def _(x, weight, bias, residual, gated):
+def _(x, weight, bias, residual, gated, chain):
     N = weight.shape[0] // 2 if gated else weight.shape[0]
     out_dtype = x.dtype if residual is None else torch.promote_types(residual.dtype, x.dtype)
     return x.new_empty(*x.shape[:-1], N, dtype=out_dtype)
@@ -111,6 +114,6 @@ def linear_triton(x, weight, bias, residual, gated: bool):
     if x.numel() != x.shape[-1]:
         raise ValueError(f"the Triton linear kernel takes one row (x.numel() == in_features, a batch-1 decode "
                          f"step), got x of shape {tuple(x.shape)}; use backend='torch'")
-    if weight.stride(-1) != 1:
-        weight = weight.contiguous()
-    return _gemv_op(x, weight, bias, residual, gated)
+    # A copy is written by the kernel just before the GEMV, so that GEMV must not read it early (unchained).
+    copied = weight.stride(-1) != 1
+    return _gemv_op(x, weight.contiguous() if copied else weight, bias, residual, gated, not copied)

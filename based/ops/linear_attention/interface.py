@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import torch
 
-from based.ops._backend import cuda_extension_available, resolve_backend, triton_available
+from based.ops._backend import auto_backend, cuda_extension_available, resolve_backend, triton_available
 from based.ops._validate import KERNEL_DTYPES, check_dims_match, check_same_device, check_shape, check_tensor
 from based.ops.feature_map.reference import feature_dim_of
 from based.ops.linear_attention.reference import linear_attention_step_torch, linear_attention_torch
 from based.ops.linear_attention.state import LinearAttentionState, accumulation_dtype
 
 STATE_DTYPES = (torch.float32, torch.float64)
+# The step's "auto" order, Triton first: on an H200 it streams the state at 81-93% of the copy bandwidth for
+# B >= 64, the CUDA kernel at 44-79% (benchmarks/decode.py).
+STEP_AUTO_ORDER = ("triton", "cuda")
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
@@ -80,11 +83,14 @@ def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sta
     _check_state(state, q, v)
     if backend == "auto" and not _step_kernels_support(q, state):
         backend = "torch"
-    # Triton first: on an H200 it streams the state at 81-93% of the copy bandwidth for B >= 64, the CUDA kernel
-    # at 44-79% (benchmarks/decode.py).
     impl = resolve_backend("linear_attention_step", backend, q.device, _step_implementations(),
-                           auto_order=("triton", "cuda"))
+                           auto_order=STEP_AUTO_ORDER)
     return impl(q, k, v, state, normalize, eps)
+
+
+def step_backend(device: torch.device) -> str:
+    """The backend `linear_attention_step(..., backend="auto")` runs on `device` for inputs its kernels take."""
+    return auto_backend(device, _step_implementations(), STEP_AUTO_ORDER)
 
 
 def _step_kernels_support(q: torch.Tensor, state: LinearAttentionState) -> bool:
