@@ -28,6 +28,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Returns:
         `[..., out_features]` in x's dtype, or in the promoted dtype of x and residual with a residual.
         The Triton kernel accumulates in fp32 and applies bias, gate and residual before rounding once.
+
+    While a CUDA graph is captured on Hopper or newer, the Triton kernel is chained to the kernel before it
+    (programmatic dependent launch) and reads its first weight tile before that kernel ends: a weight written
+    earlier in the same graph would be read stale. Write weights between replays.
     """
     check_tensor("x", x, ndim=None)
     check_tensor("weight", weight, ndim=2)
