@@ -13,7 +13,7 @@ stop at kernel boundaries. Weights must therefore not be written earlier in the 
 Launch shapes chosen on an H200 by the whole Based-1.3B batch-1 step replayed from a graph (the GEMVs are
 chained there, so the best shape of a lone GEMV is not the best in the chain): 8 rows x 256 per program for
 tall matrices (the 7168- and 5376-row projections, the 50264-row lm_head), one row x 1024 for the 1792- and
-256-row ones, 4 warps: 1.249 ms per step, against 1.397 ms with 4 x 256 / 2 x 1024 (the best shapes of a lone
+256-row ones, 4 warps: 1.247 ms per step, against 1.398 ms with 4 x 256 / 2 x 1024 (the best shapes of a lone
 GEMV with cold weights) and 1.576 ms without chaining.
 
 Inference only: `linear` uses the reference whenever a gradient is needed.
