@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from based.nn import (BaseConv, Block, GatedMlp, LinearAttention, RMSNorm, SlidingWindowAttention,
                       SlidingWindowCache, apply_rotary)
+from based.nn.rotary import rotated_qkv, token_positions
 from based.ops import LinearAttentionState
 from tests.helpers import assert_close
 
@@ -166,6 +167,26 @@ def test_rotary_matches_complex_rotation_and_depends_on_relative_position():
     q, k = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
     at = lambda t, p: apply_rotary(t.view(1, 1, 1, 16), torch.tensor([p]))[0, 0, 0]  # noqa: E731
     assert torch.allclose(at(q, 7) @ at(k, 3), at(q, 104) @ at(k, 100))
+
+
+def test_rotated_qkv_splits_and_rotates_q_and_k_at_the_cache_position():
+    torch.manual_seed(6)
+    qkv = torch.randn(2, 5, 3 * 4 * 8, dtype=torch.float64)
+    start = torch.tensor(3)
+    q, k, v = rotated_qkv(qkv, 4, start, 10000.0)
+    parts = qkv.view(2, 5, 3, 4, 8)
+    positions = torch.arange(3, 8)
+    assert_close(q, apply_rotary(parts[:, :, 0], positions), torch.float64)
+    assert_close(k, apply_rotary(parts[:, :, 1], positions), torch.float64)
+    assert torch.equal(v, parts[:, :, 2])
+
+
+def test_a_decode_step_reads_its_position_from_the_cache_without_a_kernel():
+    start = torch.tensor(41)
+    positions = token_positions(1, start, start.device)
+    assert positions.tolist() == [41] and positions.data_ptr() == start.data_ptr()
+    assert token_positions(3, start, start.device).tolist() == [41, 42, 43]
+    assert token_positions(3, None, start.device).tolist() == [0, 1, 2]
 
 
 # ---- parameters, caches, errors ------------------------------------------------------------------------

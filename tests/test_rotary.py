@@ -28,8 +28,8 @@ def complex_rotation(x, positions, base=10000.0):
 
 
 def check(B, T, H, D, start, dtype, packed, device):
-    if packed:  # q as the projections give it: a strided view of a [B, T, 3, H, D] tensor
-        x = torch.randn(B, T, 3, H, D, device=device, dtype=dtype)[:, :, 0]
+    if packed:  # q and k as the layers rotate them: a strided [B, T, 2H, D] view of a [B, T, 3, H, D] projection
+        x = torch.randn(B, T, 3, H, D, device=device, dtype=dtype)[:, :, :2].flatten(2, 3)
     else:
         x = torch.randn(B, T, H, D, device=device, dtype=dtype)
     positions = start + torch.arange(T, device=device)

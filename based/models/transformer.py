@@ -18,7 +18,7 @@ from based.models.config import TransformerConfig
 from based.models.lm import CausalLM
 from based.nn._validate import check_cache_batch, check_cache_type, check_hidden_states, parameter_placement
 from based.nn.projection import project
-from based.nn.rotary import apply_rotary, token_positions
+from based.nn.rotary import rotated_qkv
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -88,9 +88,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             check_cache_type(cache, KVCache, "CausalSelfAttention")
             check_cache_batch(cache.k.shape[0], x)
-        positions = token_positions(T, None if cache is None else cache.position, x.device)
-        q, k, v = project(self.Wqkv, x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
-        q, k = apply_rotary(q, positions, self.rotary_base), apply_rotary(k, positions, self.rotary_base)
+        start = None if cache is None else cache.position
+        q, k, v = rotated_qkv(project(self.Wqkv, x), self.num_heads, start, self.rotary_base)
         if cache is None:
             o = causal_attention(q, k, v)
         else:

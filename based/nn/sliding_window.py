@@ -8,7 +8,7 @@ from torch import nn
 
 from based.nn._validate import check_cache_batch, check_cache_type, check_hidden_states, parameter_placement
 from based.nn.projection import project
-from based.nn.rotary import apply_rotary, token_positions
+from based.nn.rotary import rotated_qkv
 from based.ops import WindowCache, sliding_window_attention, sliding_window_attention_step, window_cache_read
 from based.ops import window_cache_write
 
@@ -63,9 +63,7 @@ class SlidingWindowAttention(nn.Module):
             check_cache_type(cache, SlidingWindowCache, "SlidingWindowAttention")
             check_cache_batch(cache.window.k.shape[0], x)
         start = None if cache is None else cache.position
-        positions = token_positions(T, start, x.device)
-        q, k, v = project(self.Wqkv, x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
-        q, k = apply_rotary(q, positions, self.rotary_base), apply_rotary(k, positions, self.rotary_base)
+        q, k, v = rotated_qkv(project(self.Wqkv, x), self.num_heads, start, self.rotary_base)
 
         if cache is None:
             o = sliding_window_attention(q, k, v, window=self.window)
