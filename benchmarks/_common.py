@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -165,6 +166,14 @@ def graph_ms(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+
+
+def gpu_missing(script: str) -> bool:
+    """Whether there is no CUDA device for a benchmark that times GPU kernels (saying so on stderr)."""
+    if torch.cuda.is_available():
+        return False
+    print(f"{script} times GPU kernels; no CUDA device here.", file=sys.stderr)
+    return True
 
 
 def copy_bandwidth() -> float:

@@ -15,7 +15,7 @@ import sys
 
 import torch
 from _common import (
-    DTYPES, banner, check_out_path, copy_bandwidth, environment, format_table, graph_ms, write_results,
+    DTYPES, banner, check_out_path, copy_bandwidth, environment, format_table, gpu_missing, graph_ms, write_results,
 )
 
 from based.ops import LinearAttentionState, linear_attention_step
@@ -46,8 +46,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write the rows to a .json or .csv file")
     args = parser.parse_args(argv)
     check_out_path(args.out)
-    if not torch.cuda.is_available():
-        print("decode.py times GPU kernels; no CUDA device here.", file=sys.stderr)
+    if gpu_missing("decode.py"):
         return 1
     dtype, H, d = DTYPES[args.dtype], args.heads, args.feature_dim
     env = environment(torch.device("cuda"))

@@ -19,7 +19,7 @@ import math
 import sys
 
 import torch
-from _common import banner, copy_bandwidth, environment, format_table, graph_ms
+from _common import banner, copy_bandwidth, environment, format_table, gpu_missing, graph_ms
 
 from based.ops import linear
 from based.ops.linear import triton_gemv
@@ -65,8 +65,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="time every launch shape in SWEEP for each projection")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("linear.py times GPU kernels; no CUDA device here.", file=sys.stderr)
+    if gpu_missing("linear.py"):
         return 1
     print(banner(environment(torch.device("cuda"))))
     bandwidth = copy_bandwidth()

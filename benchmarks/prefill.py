@@ -17,7 +17,7 @@ import sys
 
 import torch
 from _common import (
-    DTYPES, banner, ceilings, check_out_path, environment, fa2_causal, format_table, gpu_ms, write_results,
+    DTYPES, banner, ceilings, check_out_path, environment, fa2_causal, format_table, gpu_missing, gpu_ms, write_results,
 )
 
 from based.ops import linear_attention
@@ -60,8 +60,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write the rows to a .json or .csv file")
     args = parser.parse_args(argv)
     check_out_path(args.out)
-    if not torch.cuda.is_available():
-        print("prefill.py times GPU kernels; no CUDA device here.", file=sys.stderr)
+    if gpu_missing("prefill.py"):
         return 1
     device, dtype = torch.device("cuda"), DTYPES[args.dtype]
     env = environment(device)

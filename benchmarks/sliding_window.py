@@ -21,7 +21,7 @@ import sys
 
 import torch
 from _common import (
-    DTYPES, banner, check_out_path, environment, fa2_causal, format_table, gpu_ms, graph_ms, write_results,
+    DTYPES, banner, check_out_path, environment, fa2_causal, format_table, gpu_missing, gpu_ms, graph_ms, write_results,
 )
 
 from based.ops import WindowCache, sliding_window_attention, sliding_window_attention_step
@@ -160,8 +160,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write the rows to a .json or .csv file")
     args = parser.parse_args(argv)
     check_out_path(args.out)
-    if not torch.cuda.is_available():
-        print("sliding_window.py times GPU kernels; no CUDA device here.", file=sys.stderr)
+    if gpu_missing("sliding_window.py"):
         return 1
     dtype = DTYPES[args.dtype]
     env = environment(torch.device("cuda"))
