@@ -15,29 +15,38 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.usefixtures("nan_filled_allocations")
 
 
-def formula(x, weight, bias, residual, gated):
-    y = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+def formula(x, weight, bias, residual, gated, norm_weight=None, eps=1e-5):
+    x = x.double()
+    if norm_weight is not None:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
+    y = x @ weight.double().T + (0 if bias is None else bias.double())
     if gated:
         value, gate = y.chunk(2, dim=-1)
         y = value * gate * torch.sigmoid(gate)
     return y if residual is None else residual.double() + y
 
 
-def check(leading, K, N, dtype, gated, with_bias, with_residual, backend, device):
+def check(leading, K, N, dtype, gated, with_bias, with_residual, backend, device, with_norm=False):
+    """With a norm, x is the blocks' fp32 residual stream (scaled up, as a stream grows) and the weights bf16/fp32."""
     rows = 2 * N if gated else N
-    x = torch.randn(*leading, K, device=device, dtype=dtype)
+    x_dtype = torch.float32 if with_norm and dtype != torch.float64 else dtype
+    x = torch.randn(*leading, K, device=device, dtype=x_dtype) * (8 if with_norm else 1)
     weight = (torch.randn(rows, K, device=device) / K**0.5).to(dtype)
-    bias = torch.randn(rows, device=device, dtype=dtype) if with_bias else None
+    norm = dict(norm_weight=(1 + torch.rand(K, device=device)).to(dtype), norm_eps=1e-5) if with_norm else {}
+    bias = None
+    if with_bias:  # of the product's sign, for the reason given for the residual below
+        product_sign = formula(x, weight, None, None, False, norm.get("norm_weight")).sign().reshape(-1, rows)[0]
+        bias = (torch.randn(rows, device=device).abs() * product_sign.float()).to(dtype)
     residual = None
     if with_residual:
         # Of the product's sign, so the sum cannot cancel: with one output element, a residual that nearly
         # cancels it would turn the reference's bf16 rounding of the product into any relative error at all.
-        product_sign = formula(x, weight, bias, None, gated).sign().float()
+        product_sign = formula(x, weight, bias, None, gated, norm.get("norm_weight")).sign().float()
         residual = torch.randn(*leading, N, device=device).abs() * product_sign
-    out = linear(x, weight, bias, residual=residual, gated=gated, backend=backend)
+    out = linear(x, weight, bias, residual=residual, gated=gated, backend=backend, **norm)
     assert out.shape == (*leading, N)
     assert out.dtype == (dtype if residual is None else torch.promote_types(dtype, torch.float32))
-    assert_close(out, formula(x, weight, bias, residual, gated), dtype)
+    assert_close(out, formula(x, weight, bias, residual, gated, norm.get("norm_weight")), dtype)
 
 
 # One row (a batch-1 decode step) in every leading shape the layers pass, odd K and N.
@@ -47,23 +56,24 @@ SHAPES = st.tuples(st.sampled_from([(1,), (1, 1), ()]), st.sampled_from([1, 16, 
 
 @settings(max_examples=20)
 @given(shape=SHAPES, dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]), gated=st.booleans(),
-       with_bias=st.booleans(), with_residual=st.booleans())
-def test_reference_matches_formula(shape, dtype, gated, with_bias, with_residual):
-    check(*shape, dtype, gated, with_bias, with_residual, "torch", "cpu")
+       with_bias=st.booleans(), with_residual=st.booleans(), with_norm=st.booleans())
+def test_reference_matches_formula(shape, dtype, gated, with_bias, with_residual, with_norm):
+    check(*shape, dtype, gated, with_bias, with_residual, "torch", "cpu", with_norm)
 
 
 @settings(max_examples=8)
-@given(leading=st.sampled_from([(3,), (2, 5)]), gated=st.booleans(), with_residual=st.booleans())
-def test_reference_takes_many_rows(leading, gated, with_residual):
-    check(leading, 16, 24, torch.float32, gated, True, with_residual, "torch", "cpu")
+@given(leading=st.sampled_from([(3,), (2, 5)]), gated=st.booleans(), with_residual=st.booleans(),
+       with_norm=st.booleans())
+def test_reference_takes_many_rows(leading, gated, with_residual, with_norm):
+    check(leading, 16, 24, torch.float32, gated, True, with_residual, "torch", "cpu", with_norm)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="set TRITON_INTERPRET=1 to run the kernel on CPU")
-@settings(max_examples=20)
+@settings(max_examples=30)
 @given(shape=SHAPES, dtype=st.sampled_from([torch.float32, torch.bfloat16]), gated=st.booleans(),
-       with_bias=st.booleans(), with_residual=st.booleans())
-def test_interpreted_kernel_matches_formula(shape, dtype, gated, with_bias, with_residual):
-    check(*shape, dtype, gated, with_bias, with_residual, "triton", "cpu")
+       with_bias=st.booleans(), with_residual=st.booleans(), with_norm=st.booleans())
+def test_interpreted_kernel_matches_formula(shape, dtype, gated, with_bias, with_residual, with_norm):
+    check(*shape, dtype, gated, with_bias, with_residual, "triton", "cpu", with_norm)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="set TRITON_INTERPRET=1 to run the kernel on CPU")
@@ -100,6 +110,11 @@ def test_gradients_flow_through_auto():
     (lambda x, w, b, r: dict(x=x, weight=w, residual=r[:, :2]), ValueError, "residual must have shape"),
     (lambda x, w, b, r: dict(x=x, weight=w, residual=r.to("meta")), ValueError, "residual on meta"),
     (lambda x, w, b, r: dict(x=x.int(), weight=w.int()), TypeError, "x has dtype int32"),
+    (lambda x, w, b, r: dict(x=x, weight=w, norm_weight=w[0, :5]), ValueError, "norm_weight must have shape"),
+    (lambda x, w, b, r: dict(x=x, weight=w, norm_weight=x[0].double()), TypeError, "norm_weight must have weight"),
+    (lambda x, w, b, r: dict(x=x, weight=w, norm_weight=x[0], norm_eps=-1.0), ValueError, "norm_eps must be"),
+    (lambda x, w, b, r: dict(x=x, weight=w, norm_weight=x[0], norm_eps="1e-5"), ValueError, "norm_eps must be"),
+    (lambda x, w, b, r: dict(x=x, weight=w, norm_weight=x[0].to("meta")), ValueError, "norm_weight on meta"),
 ])
 def test_bad_inputs_raise(make, error, words):
     x, w, b, r = torch.randn(1, 8), torch.randn(6, 8), torch.randn(6), torch.randn(1, 6)
@@ -108,12 +123,14 @@ def test_bad_inputs_raise(make, error, words):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("K, N", [(1, 1), (63, 130), (1792, 7168), (3584, 1792), (1792, 256), (2048, 50264)])
+@pytest.mark.parametrize("K, N", [(1, 1), (63, 130), (1792, 7168), (3584, 1792), (1792, 256), (2048, 50264),
+                                  (5000, 300)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("gated, with_bias, with_residual", [(False, False, False), (False, True, True),
                                                              (True, False, False), (True, True, True)])
-def test_gpu_kernel_matches_formula(K, N, dtype, gated, with_bias, with_residual):
-    check((1, 1), K, N, dtype, gated, with_bias, with_residual, "triton", "cuda")
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_gpu_kernel_matches_formula(K, N, dtype, gated, with_bias, with_residual, with_norm):
+    check((1, 1), K, N, dtype, gated, with_bias, with_residual, "triton", "cuda", with_norm)
 
 
 @pytest.mark.gpu

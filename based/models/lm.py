@@ -143,7 +143,7 @@ class CausalLM(nn.Module):
         residual = self.transformer.embeddings(input_ids)
         for layer, layer_cache in zip(self.transformer.layers, layer_caches):
             residual = layer(residual, layer_cache)
-        logits = project(self.lm_head, self.transformer.ln_f(residual))
+        logits = project(self.lm_head, residual, norm=self.transformer.ln_f)
         if cache is not None:
             cache.position.add_(T)
         return logits

@@ -17,6 +17,7 @@ from torch import nn
 from based.models.config import TransformerConfig
 from based.models.lm import CausalLM
 from based.nn._validate import check_cache_batch, check_cache_type, check_hidden_states, parameter_placement
+from based.nn.norm import RMSNorm
 from based.nn.projection import project
 from based.nn.rotary import rotated_qkv
 
@@ -81,21 +82,23 @@ class CausalSelfAttention(nn.Module):
         return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
                        torch.zeros((), dtype=torch.int64, device=device))
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """`x` `[B, T, d_model]` -> `[B, T, d_model]`; with `cache`, continue from it and advance it."""
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, *, norm: RMSNorm | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`x` `[B, T, d_model]` -> `[B, T, d_model]`; with `cache`, continue from it and advance it. `norm` and
+        `residual` as for the Based mixers (`based.nn.BaseConv.forward`)."""
         check_hidden_states(x, self.d_model)
         B, T, _ = x.shape
         if cache is not None:
             check_cache_type(cache, KVCache, "CausalSelfAttention")
             check_cache_batch(cache.k.shape[0], x)
         start = None if cache is None else cache.position
-        q, k, v = rotated_qkv(project(self.Wqkv, x), self.num_heads, start, self.rotary_base)
+        q, k, v = rotated_qkv(project(self.Wqkv, x, norm=norm), self.num_heads, start, self.rotary_base)
         if cache is None:
             o = causal_attention(q, k, v)
         else:
             o = cached_attention(q, k.to(cache.k.dtype), v.to(cache.v.dtype), cache)
             cache.position.add_(T)
-        return project(self.out_proj, o.reshape(B, T, self.d_model))
+        return project(self.out_proj, o.reshape(B, T, self.d_model), residual=residual)
 
 
 def _use_flash_attn(q: torch.Tensor) -> bool:

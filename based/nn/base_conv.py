@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from based.nn._validate import check_cache_batch, check_hidden_states, parameter_placement
+from based.nn.norm import RMSNorm
 from based.nn.projection import project
 from based.ops import causal_conv1d, causal_conv1d_step, gated_conv1d_step
 from based.ops.linear_attention.state import accumulation_dtype
@@ -73,17 +74,21 @@ class BaseConv(nn.Module):
         return torch.zeros(batch_size, self.d_inner, self.conv.kernel_size, device=device,
                            dtype=accumulation_dtype(dtype))
 
-    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None) -> torch.Tensor:
-        """`x` `[B, T, d_model]` -> `[B, T, d_model]`; with `cache`, continue from it and advance it."""
+    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None, *, norm: RMSNorm | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`x` `[B, T, d_model]` -> `[B, T, d_model]`; with `cache`, continue from it and advance it.
+        With `norm`, the layer sees `norm(x)`; with `residual` (x's leading dims, the fp32 stream), it returns
+        `residual +` its output, in the residual's dtype (both fused into its projections' kernels when
+        decoding one token on a GPU)."""
         check_hidden_states(x, self.d_model)
         if cache is not None:
             if not isinstance(cache, torch.Tensor):
                 raise TypeError(f"BaseConv needs a conv-state tensor cache (from its new_cache), "
                                 f"got {type(cache).__name__}")
             check_cache_batch(cache.shape[0], x)
-        u1, u2 = project(self.in_proj, x).split(self.d_inner, dim=-1)
+        u1, u2 = project(self.in_proj, x, norm=norm).split(self.d_inner, dim=-1)
         if cache is not None and x.shape[1] == 1:
             # Conv step, silu and gate in one launch on a GPU: decode runs this once per token and layer.
             y = gated_conv1d_step(u1[:, 0], u2[:, 0], cache, self.conv.weight)
-            return project(self.out_proj, y[:, None])
-        return project(self.out_proj, F.silu(self.conv(u1, cache)) * u2)
+            return project(self.out_proj, y[:, None], residual=residual)
+        return project(self.out_proj, F.silu(self.conv(u1, cache)) * u2, residual=residual)

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from based.nn._validate import check_cache_batch, check_cache_type, check_hidden_states, parameter_placement
-from based.nn.projection import project
+from based.nn.norm import RMSNorm
+from based.nn.projection import normalize_once, project
 from based.ops import LinearAttentionState, linear_attention, linear_attention_step
 from based.ops.linear_attention.state import accumulation_dtype
 
@@ -44,13 +45,18 @@ class LinearAttention(nn.Module):
         return LinearAttentionState.zeros(batch_size, self.num_heads, self.feature_dim, self.head_dim,
                                           device=device, dtype=accumulation_dtype(dtype))
 
-    def forward(self, x: torch.Tensor, cache: LinearAttentionState | None = None) -> torch.Tensor:
-        """`x` `[B, T, d_model]` -> `[B, T, d_model]`; with `cache`, continue from it and advance it."""
+    def forward(self, x: torch.Tensor, cache: LinearAttentionState | None = None, *, norm: RMSNorm | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`x` `[B, T, d_model]` -> `[B, T, d_model]`; with `cache`, continue from it and advance it.
+        With `norm`, the layer sees `norm(x)`; with `residual` (x's leading dims, the fp32 stream), it returns
+        `residual +` its output, in the residual's dtype (both fused into its projections' kernels when
+        decoding one token on a GPU)."""
         check_hidden_states(x, self.d_model)
         B, T, _ = x.shape
-        q = project(self.proj_q, x).view(B, T, self.num_heads, self.feature_dim)
-        k = project(self.proj_k, x).view(B, T, self.num_heads, self.feature_dim)
-        v = project(self.proj_v, x).view(B, T, self.num_heads, self.head_dim)
+        x, norm = normalize_once(x, norm)
+        q = project(self.proj_q, x, norm=norm).view(B, T, self.num_heads, self.feature_dim)
+        k = project(self.proj_k, x, norm=norm).view(B, T, self.num_heads, self.feature_dim)
+        v = project(self.proj_v, x, norm=norm).view(B, T, self.num_heads, self.head_dim)
         if cache is None:
             o = linear_attention(q, k, v, eps=self.eps)
         else:
@@ -62,4 +68,4 @@ class LinearAttention(nn.Module):
                 o, state = linear_attention(q, k, v, eps=self.eps, initial_state=cache, return_state=True)
                 cache.kv.copy_(state.kv)
                 cache.ksum.copy_(state.ksum)
-        return project(self.out_proj, o.reshape(B, T, self.num_heads * self.head_dim))
+        return project(self.out_proj, o.reshape(B, T, self.num_heads * self.head_dim), residual=residual)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from based.nn.norm import RMSNorm
 from based.nn.projection import project
 
 
@@ -19,7 +20,9 @@ class GatedMlp(nn.Module):
         self.fc1 = nn.Linear(d_model, 2 * hidden_dim, bias=False, device=device, dtype=dtype)
         self.fc2 = nn.Linear(hidden_dim, d_model, bias=False, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *,
+                norm: RMSNorm | None = None) -> torch.Tensor:
         """`x` `[..., d_model]` -> the MLP output, or `residual +` it (summed in fp32 for an fp32 residual:
-        one fused kernel with the last projection when decoding one token on a GPU)."""
-        return project(self.fc2, project(self.fc1, x, gated=True), residual=residual)
+        one fused kernel with the last projection when decoding one token on a GPU). With `norm`, the MLP
+        sees `norm(x)` (fused into fc1's kernel when decoding one token on a GPU)."""
+        return project(self.fc2, project(self.fc1, x, norm=norm, gated=True), residual=residual)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from based.nn._validate import check_cache_batch, check_cache_type, check_hidden_states, parameter_placement
+from based.nn.norm import RMSNorm
 from based.nn.projection import project
 from based.nn.rotary import rotated_qkv
 from based.ops import WindowCache, sliding_window_attention, sliding_window_attention_step, window_cache_read
@@ -55,15 +56,19 @@ class SlidingWindowAttention(nn.Module):
         ring = WindowCache.zeros(batch_size, self.window, self.num_heads, self.head_dim, device=device, dtype=dtype)
         return SlidingWindowCache(ring, torch.zeros((), dtype=torch.int64, device=device))
 
-    def forward(self, x: torch.Tensor, cache: SlidingWindowCache | None = None) -> torch.Tensor:
-        """`x` `[B, T, d_model]` -> `[B, T, d_model]`; with `cache`, continue from it and advance it."""
+    def forward(self, x: torch.Tensor, cache: SlidingWindowCache | None = None, *, norm: RMSNorm | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`x` `[B, T, d_model]` -> `[B, T, d_model]`; with `cache`, continue from it and advance it.
+        With `norm`, the layer sees `norm(x)`; with `residual` (x's leading dims, the fp32 stream), it returns
+        `residual +` its output, in the residual's dtype (both fused into its projections' kernels when
+        decoding one token on a GPU)."""
         check_hidden_states(x, self.d_model)
         B, T, _ = x.shape
         if cache is not None:
             check_cache_type(cache, SlidingWindowCache, "SlidingWindowAttention")
             check_cache_batch(cache.window.k.shape[0], x)
         start = None if cache is None else cache.position
-        q, k, v = rotated_qkv(project(self.Wqkv, x), self.num_heads, start, self.rotary_base)
+        q, k, v = rotated_qkv(project(self.Wqkv, x, norm=norm), self.num_heads, start, self.rotary_base)
 
         if cache is None:
             o = sliding_window_attention(q, k, v, window=self.window)
@@ -80,4 +85,4 @@ class SlidingWindowAttention(nn.Module):
             window_cache_write(cache.window, k, v, start)
         if cache is not None:
             cache.position.add_(T)
-        return project(self.out_proj, o.reshape(B, T, self.d_model))
+        return project(self.out_proj, o.reshape(B, T, self.d_model), residual=residual)

@@ -9,25 +9,34 @@ from based.ops.linear.reference import linear_torch
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-           residual: torch.Tensor | None = None, gated: bool = False, backend: str = "auto") -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, optionally followed by the SwiGLU gate and a residual add.
+           residual: torch.Tensor | None = None, gated: bool = False, norm_weight: torch.Tensor | None = None,
+           norm_eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, optionally after an RMSNorm of x and followed by the SwiGLU gate and a
+    residual add.
+
+    With `norm_weight`, x is replaced by `rms_norm(x, norm_weight, norm_eps)` first: a pre-norm block's norm
+    and the projection after it, which the Triton kernel does in one launch (each program normalises the row
+    itself, so there is no kernel boundary between them; the normalised row stays in fp32 there, where the
+    reference rounds it to the weight's dtype).
 
     With `gated`, the weight's first half of rows makes the value and its second half the gate (the layout
     of `GatedMlp.fc1`), and the result is `value * silu(gate)`. With `residual`, the result is
     `residual + y`, in the promoted dtype of the two (the blocks' fp32 residual stream).
 
     Args:
-        x: `[..., in_features]`; fp16, bf16, fp32 (fp64 on the torch backend).
-        weight: `[out_features, in_features]` (`[2 * out_features, in_features]` when gated), x's dtype.
+        x: `[..., in_features]`; fp16, bf16, fp32 (fp64 on the torch backend). Without a norm weight, the
+            weight's dtype; with one, any of these (the blocks pass their fp32 residual stream).
+        weight: `[out_features, in_features]` (`[2 * out_features, in_features]` when gated).
         bias: optional `[weight.shape[0]]`, x's dtype.
         residual: optional `[..., out_features]`, x's leading dims.
+        norm_weight: optional `[in_features]`, the weight's dtype; `norm_eps` >= 0 goes with it.
         backend: "auto" (the Triton matrix-vector kernel on CUDA for a single row of x, as a batch-1 decode
             step has, when no gradient is needed; else the reference, cuBLAS plus elementwise ops),
             "torch" or "triton" (one row only, inference only: its output carries no gradient).
 
     Returns:
-        `[..., out_features]` in x's dtype, or in the promoted dtype of x and residual with a residual.
-        The Triton kernel accumulates in fp32 and applies bias, gate and residual before rounding once.
+        `[..., out_features]` in the weight's dtype, or in the promoted dtype of weight and residual with a
+        residual. The Triton kernel accumulates in fp32 and applies bias, gate and residual before rounding once.
 
     While a CUDA graph is captured on Hopper or newer, the Triton kernel is chained to the kernel before it
     (programmatic dependent launch) and reads its first weight tile before that kernel ends: a weight written
@@ -42,8 +51,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError(f"x's last dim ({x.shape[-1]}) must equal weight's in_features ({in_features})")
     if gated and rows % 2:
         raise ValueError(f"a gated weight stacks value and gate rows, so needs an even row count, got {rows}")
-    if x.dtype != weight.dtype:
+    if norm_weight is None and x.dtype != weight.dtype:
         raise TypeError(f"x and weight must share a dtype, got {x.dtype} and {weight.dtype}")
+    if norm_weight is not None:
+        check_tensor("norm_weight", norm_weight, ndim=1)
+        check_shape("norm_weight", norm_weight, (in_features,))
+        if norm_weight.dtype != weight.dtype:
+            raise TypeError(f"norm_weight must have weight's dtype {weight.dtype}, got {norm_weight.dtype}")
+        if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or norm_eps < 0:
+            raise ValueError(f"norm_eps must be a number >= 0, got {norm_eps!r}")
     if bias is not None:
         check_tensor("bias", bias, ndim=1)
         check_shape("bias", bias, (rows,))
@@ -53,15 +69,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if residual is not None:
         check_tensor("residual", residual, ndim=None)
         check_shape("residual", residual, (*x.shape[:-1], out_features))
-    check_same_device(x=x, weight=weight, bias=bias, residual=residual)
-    if backend == "auto" and not _kernel_supports(x, weight, bias, residual):
+    check_same_device(x=x, weight=weight, bias=bias, residual=residual, norm_weight=norm_weight)
+    if backend == "auto" and not _kernel_supports(x, weight, bias, residual, norm_weight):
         backend = "torch"
     impl = resolve_backend("linear", backend, x.device, _implementations())
-    return impl(x, weight, bias, residual, gated)
+    return impl(x, weight, bias, residual, gated, norm_weight, float(norm_eps))
 
 
-def _kernel_supports(x, weight, bias, residual) -> bool:
-    return (not grad_needed(x, weight, bias, residual) and x.numel() == x.shape[-1] > 0 and weight.shape[0] > 0 and x.dtype in KERNEL_DTYPES
+def _kernel_supports(x, weight, bias, residual, norm_weight) -> bool:
+    return (not grad_needed(x, weight, bias, residual, norm_weight) and x.numel() == x.shape[-1] > 0
+            and weight.shape[0] > 0 and x.dtype in KERNEL_DTYPES and weight.dtype in KERNEL_DTYPES
             and (residual is None or residual.dtype in KERNEL_DTYPES))
 
 

@@ -1,13 +1,18 @@
-"""The fused linear op in plain PyTorch: cuBLAS matmul, then the gate and the residual add as separate ops."""
+"""The fused linear op in plain PyTorch: RMSNorm, cuBLAS matmul, then the gate and the residual add as separate ops."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from based.ops.rms_norm import rms_norm
 
-def linear_torch(x, weight, bias, residual, gated: bool):
-    """`y = x @ weight.T + bias`; gated: `value * silu(gate)` with `value, gate = y.chunk(2)`; then
-    `residual + y` in the residual's dtype when a residual is given."""
+
+def linear_torch(x, weight, bias, residual, gated: bool, norm_weight=None, norm_eps: float = 1e-5):
+    """`y = x @ weight.T + bias`, x first replaced by `rms_norm(x, norm_weight, norm_eps)` when a norm weight is
+    given; gated: `value * silu(gate)` with `value, gate = y.chunk(2)`; then `residual + y` in the residual's
+    dtype when a residual is given."""
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight, norm_eps)
     y = F.linear(x, weight, bias)
     if gated:
         value, gate = y.chunk(2, dim=-1)

@@ -30,45 +30,73 @@ from torch import Tensor
 from based.ops._backend import chain_options
 from based.ops._triton import let_next_kernel_start, wait_for_previous_kernel
 
-# (rows per program, K per iteration, warps); a gated program takes half the rows of each half.
-TALL = (8, 256, 4)
-SHORT = (1, 1024, 4)
+# (rows per program, columns loaded before the wait, K per later iteration, warps); a gated program takes half
+# the rows of each half. Every Based-1.3B projection has K <= 4096, so its programs load their whole rows
+# before waiting and the loop after the wait never runs there.
+TALL = (4, 2048, 512, 4)
+SHORT = (1, 4096, 512, 4)
 TALL_ROWS = 4096
-INTERPRETER = (4, 32)
+INTERPRETER = (4, 16, 32)
 
 
 @triton.jit
-def _gemv_kernel(x, w, bias, residual, y, N, K, stride_w,
-                 BN: tl.constexpr, BK: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+def _input_tile(x, norm_weight, b_rstd, o_k, m_k, NORM: tl.constexpr):
+    """x[o_k] in fp32; with NORM, RMS-normalised (`b_rstd`) and scaled, kept in fp32 (the standalone RMSNorm
+    rounds it to the weights' dtype before the matmul; here it never leaves registers)."""
+    b_x = tl.load(x + o_k, mask=m_k, other=0.0).to(tl.float32)
+    if NORM:
+        b_x = b_x * b_rstd * tl.load(norm_weight + o_k, mask=m_k, other=0.0).to(tl.float32)
+    return b_x
+
+
+@triton.jit
+def _gemv_kernel(x, norm_weight, w, bias, residual, y, N, K, stride_w, eps,
+                 BN: tl.constexpr, PRE: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
     let_next_kernel_start(PDL)
     i_n = tl.program_id(0)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    o_k = tl.arange(0, BK)
-    p_w = w + o_n[:, None] * stride_w + o_k[None, :]
+    p_w = w + o_n[:, None] * stride_w
     gate_rows = N * stride_w  # the gate rows sit N rows below the value rows
-    m_w = m_n[:, None] & (o_k < K)[None, :]
-    b_w = tl.load(p_w, mask=m_w, other=0.0)
-    b_wg = tl.load(p_w + gate_rows, mask=m_w, other=0.0) if GATED else b_w
+    # Weights do not depend on the previous kernel: load the first PRE columns, and the first tile of the loop
+    # over the rest, before waiting for it.
+    o_p = tl.arange(0, PRE)
+    m_p = m_n[:, None] & (o_p < K)[None, :]
+    b_w = tl.load(p_w + o_p[None, :], mask=m_p, other=0.0)
+    b_wg = tl.load(p_w + gate_rows + o_p[None, :], mask=m_p, other=0.0) if GATED else b_w
+    o_k = tl.arange(0, BK)
+    m_k = m_n[:, None] & (PRE + o_k < K)[None, :]
+    b_wk = tl.load(p_w + PRE + o_k[None, :], mask=m_k, other=0.0)
+    b_wkg = tl.load(p_w + gate_rows + PRE + o_k[None, :], mask=m_k, other=0.0) if GATED else b_wk
     wait_for_previous_kernel(PDL)
+    b_rstd = 0.0
+    if NORM:
+        b_sq = tl.zeros([PRE], dtype=tl.float32)
+        for k0 in range(0, K, PRE):
+            b_s = tl.load(x + k0 + o_p, mask=k0 + o_p < K, other=0.0).to(tl.float32)
+            b_sq += b_s * b_s
+        b_rstd = tl.rsqrt(tl.sum(b_sq, 0) / K + eps)
+    b_x = _input_tile(x, norm_weight, b_rstd, o_p, o_p < K, NORM)[None, :]
+    b_y = tl.sum(b_w.to(tl.float32) * b_x, 1)
+    b_gate = tl.sum(b_wg.to(tl.float32) * b_x, 1) if GATED else b_y
     b_acc = tl.zeros([BN, BK], dtype=tl.float32)
     b_acc_gate = tl.zeros([BN, BK], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        b_x = tl.load(x + k0 + o_k, mask=k0 + o_k < K, other=0.0).to(tl.float32)[None, :]
+    for k0 in range(PRE, K, BK):
+        b_x = _input_tile(x, norm_weight, b_rstd, k0 + o_k, k0 + o_k < K, NORM)[None, :]
         m_next = m_n[:, None] & (k0 + BK + o_k < K)[None, :]
-        b_w_next = tl.load(p_w + k0 + BK, mask=m_next, other=0.0)
-        b_acc += b_w.to(tl.float32) * b_x
-        b_w = b_w_next
+        b_w_next = tl.load(p_w + k0 + BK + o_k[None, :], mask=m_next, other=0.0)
+        b_acc += b_wk.to(tl.float32) * b_x
+        b_wk = b_w_next
         if GATED:
-            b_wg_next = tl.load(p_w + gate_rows + k0 + BK, mask=m_next, other=0.0)
-            b_acc_gate += b_wg.to(tl.float32) * b_x
-            b_wg = b_wg_next
-    b_y = tl.sum(b_acc, 1)
+            b_wg_next = tl.load(p_w + gate_rows + k0 + BK + o_k[None, :], mask=m_next, other=0.0)
+            b_acc_gate += b_wkg.to(tl.float32) * b_x
+            b_wkg = b_wg_next
+    b_y += tl.sum(b_acc, 1)
     if HAS_BIAS:
         b_y += tl.load(bias + o_n, mask=m_n, other=0.0).to(tl.float32)
     if GATED:
-        b_gate = tl.sum(b_acc_gate, 1)
+        b_gate += tl.sum(b_acc_gate, 1)
         if HAS_BIAS:
             b_gate += tl.load(bias + N + o_n, mask=m_n, other=0.0).to(tl.float32)
         b_y = b_y * b_gate * tl.sigmoid(b_gate)
@@ -78,42 +106,43 @@ def _gemv_kernel(x, w, bias, residual, y, N, K, stride_w,
 
 
 @torch.library.custom_op("based::gemv", mutates_args=())
-def _gemv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], gated: bool,
-             chain: bool) -> Tensor:
+def _gemv_op(x: Tensor, norm_weight: Optional[Tensor], norm_eps: float, weight: Tensor, bias: Optional[Tensor],
+             residual: Optional[Tensor], gated: bool, chain: bool) -> Tensor:
     """`chain`: may the kernel be chained (`chain_options`), i.e. read weights before the previous kernel ends."""
     K = x.shape[-1]
     N = weight.shape[0] // 2 if gated else weight.shape[0]
     x_row = x.reshape(K)
-    out_dtype = x.dtype if residual is None else torch.promote_types(residual.dtype, x.dtype)
+    out_dtype = weight.dtype if residual is None else torch.promote_types(residual.dtype, weight.dtype)
     y = torch.empty(*x.shape[:-1], N, device=x.device, dtype=out_dtype)
     if x.device.type != "cuda":
-        (BN, BK), launch = INTERPRETER, {}
+        (BN, PRE, BK), launch = INTERPRETER, {}
     else:
-        BN, BK, num_warps = TALL if weight.shape[0] >= TALL_ROWS else SHORT
+        BN, PRE, BK, num_warps = TALL if weight.shape[0] >= TALL_ROWS else SHORT
+        PRE = min(PRE, triton.next_power_of_2(K))
         BN = max(1, BN // 2) if gated else BN  # a gated program reads its value rows and as many gate rows
         # One stage: the kernel double-buffers its weight tiles itself.
         launch = dict(num_warps=num_warps, num_stages=1)
     _gemv_kernel[(triton.cdiv(N, BN),)](
-        x_row, weight, bias if bias is not None else x_row, residual.reshape(N) if residual is not None else y,
-        y, N, K, weight.stride(0), BN=BN, BK=BK, GATED=gated, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, **launch,
-        **(chain_options(x.device) if chain else dict(PDL=False)))
+        x_row, norm_weight if norm_weight is not None else x_row, weight, bias if bias is not None else x_row,
+        residual.reshape(N) if residual is not None else y, y, N, K, weight.stride(0), norm_eps, BN=BN, PRE=PRE,
+        BK=BK, NORM=norm_weight is not None, GATED=gated, HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None, **launch, **(chain_options(x.device) if chain else dict(PDL=False)))
     return y
 
 
 @_gemv_op.register_fake
-def _(x, weight, bias, residual, gated, chain):
+def _(x, norm_weight, norm_eps, weight, bias, residual, gated, chain):
     N = weight.shape[0] // 2 if gated else weight.shape[0]
-    out_dtype = x.dtype if residual is None else torch.promote_types(residual.dtype, x.dtype)
+    out_dtype = weight.dtype if residual is None else torch.promote_types(residual.dtype, weight.dtype)
     return x.new_empty(*x.shape[:-1], N, dtype=out_dtype)
 
 
-def linear_triton(x, weight, bias, residual, gated: bool):
-    """Same contract as `reference.linear_torch` for a single row of x (x.numel() == in_features) and a
-    weight with unit stride along its rows."""
+def linear_triton(x, weight, bias, residual, gated: bool, norm_weight, norm_eps: float):
+    """Same contract as `reference.linear_torch` for a single row of x (x.numel() == in_features)."""
     if x.numel() != x.shape[-1]:
         raise ValueError(f"the Triton linear kernel takes one row (x.numel() == in_features, a batch-1 decode "
                          f"step), got x of shape {tuple(x.shape)}; use backend='torch'")
     # A copy is written by the kernel just before the GEMV, so that GEMV must not read it early (unchained).
     copied = weight.stride(-1) != 1
-    return _gemv_op(x, weight.contiguous() if copied else weight, bias, residual, gated, not copied)
+    return _gemv_op(x, norm_weight, norm_eps, weight.contiguous() if copied else weight, bias, residual, gated,
+                    not copied)
