@@ -129,14 +129,16 @@ def test_cached_decoding_matches_parallel_forward(kind, chunking):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("kind", TINY)
 @torch.no_grad()
-def test_gpu_bfloat16_decoding_matches_parallel_forward(kind):
+def test_gpu_bfloat16_decoding_matches_parallel_forward(kind, batch):
     """On CUDA every decode kernel runs: Triton linear-attention, sliding-window and conv steps for Based,
-    the variable-length FlashAttention-2 decode for the Transformer (d_model 128 gives head dim 32)."""
+    the variable-length FlashAttention-2 decode for the Transformer (d_model 128 gives head dim 32), and at
+    batch 1 the matrix-vector kernels with the norms and residual adds fused."""
     model = tiny_model(kind, d_model=128).to("cuda", torch.bfloat16)
-    input_ids = torch.randint(0, VOCAB, (3, 40), device="cuda")
-    cache = model.new_cache(3, 48)
+    input_ids = torch.randint(0, VOCAB, (batch, 40), device="cuda")
+    cache = model.new_cache(batch, 48)
     logits = [model(input_ids[:, :9], cache=cache)] + [model(input_ids[:, t:t + 1], cache=cache)
                                                         for t in range(9, 40)]
     assert_close(torch.cat(logits, dim=1), model(input_ids), torch.bfloat16, kind)

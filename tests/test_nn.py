@@ -51,13 +51,14 @@ def decode_in_chunks(layer, x, chunks):
     return torch.cat(outputs, dim=1), cache
 
 
+@pytest.mark.parametrize("batch", [1, BATCH])  # batch 1 decodes single rows: blocks fuse their norms then
 @pytest.mark.parametrize("chunking", CHUNKINGS)
 @pytest.mark.parametrize("name", LAYERS)
 @torch.no_grad()
-def test_decoding_matches_parallel_forward(name, chunking):
+def test_decoding_matches_parallel_forward(name, chunking, batch):
     torch.manual_seed(0)
     layer = randomized(LAYERS[name]())
-    x = torch.randn(BATCH, SEQLEN, D_MODEL)
+    x = torch.randn(batch, SEQLEN, D_MODEL)
     decoded, _ = decode_in_chunks(layer, x, CHUNKINGS[chunking])
     assert_close(decoded, layer(x), torch.float32, f"{name}, {chunking}")
 
@@ -148,6 +149,18 @@ def test_mlp_norm_and_block_formulas():
     block = randomized(Block(D_MODEL, BaseConv(D_MODEL), GatedMlp(D_MODEL, 48)), torch.float64)
     after_mixer = x + block.mixer(block.norm1(x))
     assert_close(block(x), after_mixer + block.mlp(block.norm2(after_mixer)), torch.float64, "block")
+
+
+@pytest.mark.parametrize("rows", [(1, 1), (2, 5)])
+@pytest.mark.parametrize("name", ["linear_attention", "sliding_window_5", "base_conv", "mlp"])
+@torch.no_grad()
+def test_mixers_and_mlp_take_the_norm_before_and_the_residual_after(name, rows):
+    """`layer(x, norm=n, residual=r) == r + layer(n(x))`, the blocks' single-row path (fused kernels on a GPU)."""
+    torch.manual_seed(4)
+    layer = randomized(GatedMlp(D_MODEL, 48) if name == "mlp" else LAYERS[name](), torch.float64)
+    norm = randomized(RMSNorm(D_MODEL), torch.float64)
+    x, residual = (torch.randn(*rows, D_MODEL, dtype=torch.float64) for _ in range(2))
+    assert_close(layer(x, norm=norm, residual=residual), residual + layer(norm(x)), torch.float64, name)
 
 
 @torch.no_grad()

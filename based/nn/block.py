@@ -13,10 +13,13 @@ class Block(nn.Module):
 
     The residual is summed in fp32 even when the weights are bf16/fp16 (the released models'
     `residual_in_fp32`); each norm hands the mixer or MLP its input back in the weights' dtype.
-    `mixer` is any module with `forward(x, cache=None, *, norm=None, residual=None)` returning
-    `residual + mixer(norm(x))`, and `new_cache(batch_size, max_seqlen)`. The norms are handed to the mixer
-    and MLP rather than applied here so that, decoding one token on a GPU, each runs inside the kernel of the
-    projection after it, and the residual adds inside the kernel of the projection before them.
+    `mixer` is any module with `forward(x, cache=None, *, norm=None, residual=None)` (returning
+    `residual + mixer(norm(x))`; both optional) and `new_cache(batch_size, max_seqlen)`.
+
+    For a single row (one token of one sequence: batch-1 decoding) the norms are handed to the mixer and the
+    MLP, and the residual adds to their last projections, because there each projection is one matrix-vector
+    kernel that normalises its input and adds the residual itself (`based.ops.linear`): no norm kernels.
+    Several rows take the norm kernel that also does the residual add, one launch for both.
     """
 
     def __init__(self, d_model: int, mixer: nn.Module, mlp: GatedMlp, *, norm_eps: float = 1e-5,
@@ -34,5 +37,8 @@ class Block(nn.Module):
     def forward(self, residual: torch.Tensor, cache=None) -> torch.Tensor:
         """`residual` `[B, T, d_model]` (any float dtype; summed in at least fp32) -> the updated residual."""
         residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
-        residual = self.mixer(residual, cache, norm=self.norm1, residual=residual)
-        return self.mlp(residual, residual=residual, norm=self.norm2)
+        if residual.shape[:-1].numel() == 1:
+            residual = self.mixer(residual, cache, norm=self.norm1, residual=residual)
+            return self.mlp(residual, residual=residual, norm=self.norm2)
+        hidden, residual = self.norm2(self.mixer(self.norm1(residual), cache), residual=residual)
+        return self.mlp(hidden, residual=residual)
