@@ -1,5 +1,6 @@
 """Batch-1 projections of Based-1.3B: the fused Triton GEMV (`based.ops.linear`) against cuBLAS plus the
-elementwise ops it replaces, with the weights streamed from HBM.
+ops it replaces (the RMSNorm before it, the gate and the residual add after it), with the weights streamed
+from HBM.
 
     python benchmarks/linear.py              # the configured launch shapes
     python benchmarks/linear.py --sweep      # every candidate (rows per program, K block, warps)
@@ -24,30 +25,34 @@ from _common import banner, copy_bandwidth, environment, format_table, gpu_missi
 from based.ops import linear
 from based.ops.linear import triton_gemv
 
-# (name, rows, in_features, bias, gated, residual): every projection of a Based-1.3B decode step.
+# (name, rows, in_features, bias, gated, residual, norm): every projection of a Based-1.3B batch-1 decode step,
+# with what the blocks fuse into it (the norm before: x is then the fp32 residual stream).
 SHAPES = [
-    ("BaseConv in_proj", 7168, 1792, True, False, False),
-    ("BaseConv out_proj", 1792, 3584, True, False, False),
-    ("MLP fc1 (gated)", 7168, 1792, False, True, False),
-    ("MLP fc2 (+ residual)", 1792, 3584, False, False, True),
-    ("linear attn proj_q / proj_k", 256, 1792, True, False, False),
-    ("linear attn proj_v / out_proj", 1792, 1792, True, False, False),
-    ("sliding window Wqkv", 5376, 1792, False, False, False),
-    ("lm_head", 50264, 1792, False, False, False),
+    ("BaseConv in_proj (+ norm)", 7168, 1792, True, False, False, True),
+    ("BaseConv out_proj (+ residual)", 1792, 3584, True, False, True, False),
+    ("MLP fc1 (+ norm, gated)", 7168, 1792, False, True, False, True),
+    ("MLP fc2 (+ residual)", 1792, 3584, False, False, True, False),
+    ("linear attn proj_q / proj_k (+ norm)", 256, 1792, False, False, False, True),
+    ("linear attn proj_v (+ norm)", 1792, 1792, False, False, False, True),
+    ("linear attn out_proj (+ residual)", 1792, 1792, False, False, True, False),
+    ("sliding window Wqkv (+ norm)", 5376, 1792, False, False, False, True),
+    ("lm_head (+ norm)", 50264, 1792, False, False, False, True),
 ]
-# (rows per program, K per iteration, warps), at most 16 bf16 of a tile per thread and load
-SWEEP = [c for c in itertools.product([1, 2, 4, 8, 16], [256, 512, 1024], [4, 8]) if c[0] * c[1] <= 512 * c[2]]
+# (rows per program, columns loaded before the wait, K per later iteration, warps), at most 64 bf16 of the
+# preloaded tile per thread
+SWEEP = [(rows, pre, 256, warps) for rows, pre, warps in itertools.product([1, 2, 4, 8, 16], [256, 1024, 4096], [2, 4, 8])
+         if rows * pre <= 2048 * warps]
 
 
-def projection_inputs(rows, K, bias, gated, residual) -> dict:
+def projection_inputs(rows, K, bias, gated, residual, norm) -> dict:
     """`linear`'s arguments for one projection, the weight as enough copies to exceed L2 three times over."""
     dtype, device = torch.bfloat16, torch.device("cuda")
     copies = max(2, math.ceil(3 * torch.cuda.get_device_properties(device).L2_cache_size / (rows * K * 2)))
     return dict(weights=[torch.randn(rows, K, device=device, dtype=dtype) / K**0.5 for _ in range(copies)],
                 bias=torch.randn(rows, device=device, dtype=dtype) if bias else None,
-                x=torch.randn(1, 1, K, device=device, dtype=dtype),
+                x=torch.randn(1, 1, K, device=device, dtype=torch.float32 if norm else dtype),
                 residual=torch.randn(1, 1, rows // 2 if gated else rows, device=device) if residual else None,
-                gated=gated)
+                gated=gated, norm_weight=torch.ones(K, device=device, dtype=dtype) if norm else None)
 
 
 def time_projection(inputs: dict, backend: str) -> float:
@@ -56,7 +61,8 @@ def time_projection(inputs: dict, backend: str) -> float:
 
     def run():
         for w in weights:
-            linear(x, w, inputs["bias"], residual=inputs["residual"], gated=inputs["gated"], backend=backend)
+            linear(x, w, inputs["bias"], residual=inputs["residual"], gated=inputs["gated"],
+                   norm_weight=inputs["norm_weight"], backend=backend)
 
     return graph_ms(run) / len(weights)
 
@@ -71,9 +77,9 @@ def main(argv=None) -> int:
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; bf16, x one row")
     table = []
-    for name, rows, K, bias, gated, residual in SHAPES:
+    for name, rows, K, bias, gated, residual, norm in SHAPES:
         floor_us = 1e6 * rows * K * 2 / bandwidth
-        inputs = projection_inputs(rows, K, bias, gated, residual)  # shared by cuBLAS and every config
+        inputs = projection_inputs(rows, K, bias, gated, residual, norm)  # shared by cuBLAS and every config
         cublas = 1e3 * time_projection(inputs, "torch")
         configs = SWEEP if args.sweep else [None]
         for config in configs:
@@ -81,7 +87,7 @@ def main(argv=None) -> int:
                 triton_gemv.TALL = triton_gemv.SHORT = config
             ours = 1e3 * time_projection(inputs, "triton")
             table.append({"projection": name, "rows x K": f"{rows} x {K}", "config": config or "default",
-                          "copy-floor us": f"{floor_us:.2f}", "cuBLAS (+ epilogue ops) us": f"{cublas:.2f}",
+                          "copy-floor us": f"{floor_us:.2f}", "cuBLAS (+ norm, epilogue ops) us": f"{cublas:.2f}",
                           "Triton us": f"{ours:.2f}", "Triton % of copy": f"{100 * floor_us / ours:.0f}",
                           "cuBLAS / Triton": f"{cublas / ours:.2f}"})
             print(table[-1], flush=True)
