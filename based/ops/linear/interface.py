@@ -54,17 +54,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if norm_weight is None and x.dtype != weight.dtype:
         raise TypeError(f"x and weight must share a dtype, got {x.dtype} and {weight.dtype}")
     if norm_weight is not None:
-        check_tensor("norm_weight", norm_weight, ndim=1)
-        check_shape("norm_weight", norm_weight, (in_features,))
-        if norm_weight.dtype != weight.dtype:
-            raise TypeError(f"norm_weight must have weight's dtype {weight.dtype}, got {norm_weight.dtype}")
+        _check_vector_like_weight("norm_weight", norm_weight, in_features, weight.dtype)
         if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or norm_eps < 0:
             raise ValueError(f"norm_eps must be a number >= 0, got {norm_eps!r}")
     if bias is not None:
-        check_tensor("bias", bias, ndim=1)
-        check_shape("bias", bias, (rows,))
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
+        _check_vector_like_weight("bias", bias, rows, weight.dtype)
     out_features = rows // 2 if gated else rows
     if residual is not None:
         check_tensor("residual", residual, ndim=None)
@@ -74,6 +68,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         backend = "torch"
     impl = resolve_backend("linear", backend, x.device, _implementations())
     return impl(x, weight, bias, residual, gated, norm_weight, float(norm_eps))
+
+
+def _check_vector_like_weight(name: str, tensor: torch.Tensor, size: int, dtype: torch.dtype) -> None:
+    check_tensor(name, tensor, ndim=1)
+    check_shape(name, tensor, (size,))
+    if tensor.dtype != dtype:
+        raise TypeError(f"{name} must have weight's dtype {dtype}, got {tensor.dtype}")
 
 
 def _kernel_supports(x, weight, bias, residual, norm_weight) -> bool:
