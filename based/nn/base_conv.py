@@ -8,7 +8,7 @@ from torch import nn
 from based.nn._validate import check_cache_batch, check_hidden_states, parameter_placement
 from based.nn.norm import RMSNorm
 from based.nn.projection import project
-from based.ops import causal_conv1d, causal_conv1d_step, gated_conv1d_step
+from based.ops import causal_conv1d, causal_conv1d_step
 from based.ops.linear_attention.state import accumulation_dtype
 
 
@@ -54,7 +54,7 @@ class BaseConv(nn.Module):
 
     Decoding: the cache is the last `kernel_size` conv inputs per channel, `[B, d_inner, kernel_size]`
     fp32, from `layer.new_cache(batch_size)`. A one-token step runs conv, silu and gate as one
-    `gated_conv1d_step` (a single Triton launch on a GPU).
+    `gated_conv1d_step` (a single Triton launch on a GPU; at batch 1, inside in_proj's matrix-vector kernel).
     """
 
     def __init__(self, d_model: int, *, expand_proj: int = 4, kernel_size: int = 3, device=None, dtype=None):
@@ -86,9 +86,10 @@ class BaseConv(nn.Module):
                 raise TypeError(f"BaseConv needs a conv-state tensor cache (from its new_cache), "
                                 f"got {type(cache).__name__}")
             check_cache_batch(cache.shape[0], x)
-        u1, u2 = project(self.in_proj, x, norm=norm).split(self.d_inner, dim=-1)
         if cache is not None and x.shape[1] == 1:
-            # Conv step, silu and gate in one launch on a GPU: decode runs this once per token and layer.
-            y = gated_conv1d_step(u1[:, 0], u2[:, 0], cache, self.conv.weight)
-            return project(self.out_proj, y[:, None], residual=residual)
+            # Decode runs this once per token and layer: the conv step, silu and gate in one launch on a GPU,
+            # in the projection's own kernel at batch 1 (`based.ops.linear` with a conv state).
+            y = project(self.in_proj, x, norm=norm, conv_state=cache, conv_weight=self.conv.weight)
+            return project(self.out_proj, y, residual=residual)
+        u1, u2 = project(self.in_proj, x, norm=norm).split(self.d_inner, dim=-1)
         return project(self.out_proj, F.silu(self.conv(u1, cache)) * u2, residual=residual)

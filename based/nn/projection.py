@@ -13,13 +13,12 @@ from based.nn.norm import RMSNorm
 from based.ops import linear
 
 
-def project(layer: nn.Linear, x: torch.Tensor, *, norm: RMSNorm | None = None, residual: torch.Tensor | None = None,
-            gated: bool = False) -> torch.Tensor:
-    """`layer(norm(x))` (`layer(x)` without a norm), then the gate and residual add of `based.ops.linear`."""
-    if norm is None:
-        return linear(x, layer.weight, layer.bias, residual=residual, gated=gated)
-    return linear(x, layer.weight, layer.bias, residual=residual, gated=gated, norm_weight=norm.weight,
-                  norm_eps=norm.eps)
+def project(layer: nn.Linear, x: torch.Tensor, *, norm: RMSNorm | None = None, **epilogue) -> torch.Tensor:
+    """`layer(norm(x))` (`layer(x)` without a norm), then what `based.ops.linear` fuses after the product
+    (`epilogue`: `gated`, `conv_state` and `conv_weight`, `residual`)."""
+    if norm is not None:
+        epilogue.update(norm_weight=norm.weight, norm_eps=norm.eps)
+    return linear(x, layer.weight, layer.bias, **epilogue)
 
 
 def normalize_once(x: torch.Tensor, norm: RMSNorm | None) -> tuple[torch.Tensor, RMSNorm | None]:

@@ -10,7 +10,8 @@ from based.ops.linear.reference import linear_torch
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            residual: torch.Tensor | None = None, gated: bool = False, norm_weight: torch.Tensor | None = None,
-           norm_eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
+           norm_eps: float = 1e-5, conv_state: torch.Tensor | None = None, conv_weight: torch.Tensor | None = None,
+           backend: str = "auto") -> torch.Tensor:
     """`F.linear(x, weight, bias)`, optionally after an RMSNorm of x and followed by the SwiGLU gate and a
     residual add.
 
@@ -20,7 +21,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     reference rounds it to the weight's dtype).
 
     With `gated`, the weight's first half of rows makes the value and its second half the gate (the layout
-    of `GatedMlp.fc1`), and the result is `value * silu(gate)`. With `residual`, the result is
+    of `GatedMlp.fc1`), and the result is `value * silu(gate)`. With `conv_state` and `conv_weight` (and not
+    `gated`), the halves are BaseConv's `u1, u2` (its `in_proj`) and the result is one decode step of its gated
+    short conv, `gated_conv1d_step(u1, u2, conv_state, conv_weight)`, which advances `conv_state` in place:
+    the conv, its silu and the gate happen inside the matrix-vector kernel, so a BaseConv token costs two
+    launches. With `residual`, the result is
     `residual + y`, in the promoted dtype of the two (the blocks' fp32 residual stream).
 
     Args:
@@ -30,13 +35,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         bias: optional `[weight.shape[0]]`, x's dtype.
         residual: optional `[..., out_features]`, x's leading dims.
         norm_weight: optional `[in_features]`, the weight's dtype; `norm_eps` >= 0 goes with it.
+        conv_state: optional `[rows of x, out_features, taps]` (fp32 recommended), with `conv_weight`
+            `[out_features, taps]` in the weight's dtype: see `based.ops.gated_conv1d_step`.
         backend: "auto" (the Triton matrix-vector kernel on CUDA for a single row of x, as a batch-1 decode
             step has, when no gradient is needed; else the reference, cuBLAS plus elementwise ops),
             "torch" or "triton" (one row only, inference only: its output carries no gradient).
 
     Returns:
         `[..., out_features]` in the weight's dtype, or in the promoted dtype of weight and residual with a
-        residual. The Triton kernel accumulates in fp32 and applies bias, gate and residual before rounding once.
+        residual. The Triton kernel accumulates in fp32 and applies bias, gate (or conv gate) and residual before
+        rounding once.
 
     While a CUDA graph is captured on Hopper or newer, the Triton kernel is chained to the kernel before it
     (programmatic dependent launch) and reads its first weight tile before that kernel ends: a weight written
@@ -49,8 +57,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows, in_features = weight.shape
     if x.shape[-1] != in_features:
         raise ValueError(f"x's last dim ({x.shape[-1]}) must equal weight's in_features ({in_features})")
-    if gated and rows % 2:
-        raise ValueError(f"a gated weight stacks value and gate rows, so needs an even row count, got {rows}")
     if norm_weight is None and x.dtype != weight.dtype:
         raise TypeError(f"x and weight must share a dtype, got {x.dtype} and {weight.dtype}")
     if norm_weight is not None:
@@ -59,15 +65,28 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             raise ValueError(f"norm_eps must be a number >= 0, got {norm_eps!r}")
     if bias is not None:
         _check_vector_like_weight("bias", bias, rows, weight.dtype)
-    out_features = rows // 2 if gated else rows
+    if (conv_state is None) != (conv_weight is None):
+        raise ValueError("conv_state and conv_weight go together: pass both or neither")
+    if conv_state is not None and gated:
+        raise ValueError("gated and conv_state are two different gates: pass one")
+    halves = gated or conv_state is not None
+    if halves and rows % 2:
+        raise ValueError(f"a gated weight stacks value and gate rows, so needs an even row count, got {rows}")
+    out_features = rows // 2 if halves else rows
+    if conv_state is not None:
+        check_tensor("conv_state", conv_state, ndim=3)
+        check_shape("conv_state", conv_state, (x.shape[:-1].numel(), out_features, conv_state.shape[-1]))
+        check_tensor("conv_weight", conv_weight, ndim=2)
+        check_shape("conv_weight", conv_weight, (out_features, conv_state.shape[-1]))
     if residual is not None:
         check_tensor("residual", residual, ndim=None)
         check_shape("residual", residual, (*x.shape[:-1], out_features))
-    check_same_device(x=x, weight=weight, bias=bias, residual=residual, norm_weight=norm_weight)
-    if backend == "auto" and not _kernel_supports(x, weight, bias, residual, norm_weight):
+    check_same_device(x=x, weight=weight, bias=bias, residual=residual, norm_weight=norm_weight,
+                      conv_state=conv_state, conv_weight=conv_weight)
+    if backend == "auto" and not _kernel_supports(x, weight, bias, residual, norm_weight, conv_state):
         backend = "torch"
     impl = resolve_backend("linear", backend, x.device, _implementations())
-    return impl(x, weight, bias, residual, gated, norm_weight, float(norm_eps))
+    return impl(x, weight, bias, residual, gated, norm_weight, float(norm_eps), conv_state, conv_weight)
 
 
 def _check_vector_like_weight(name: str, tensor: torch.Tensor, size: int, dtype: torch.dtype) -> None:
@@ -77,8 +96,9 @@ def _check_vector_like_weight(name: str, tensor: torch.Tensor, size: int, dtype:
         raise TypeError(f"{name} must have weight's dtype {dtype}, got {tensor.dtype}")
 
 
-def _kernel_supports(x, weight, bias, residual, norm_weight) -> bool:
+def _kernel_supports(x, weight, bias, residual, norm_weight, conv_state) -> bool:
     return (not grad_needed(x, weight, bias, residual, norm_weight) and x.numel() == x.shape[-1] > 0
+            and (conv_state is None or conv_state.dtype in KERNEL_DTYPES)
             and weight.shape[0] > 0 and x.dtype in KERNEL_DTYPES and weight.dtype in KERNEL_DTYPES
             and (residual is None or residual.dtype in KERNEL_DTYPES))
 

@@ -57,9 +57,31 @@ def _input_tile(x, norm_weight, b_rstd, o_k, m_k, NORM: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x, norm_weight, w, bias, residual, y, N, K, stride_w, eps,
+def _conv_step(b_u, o_n, m_n, conv_state, conv_weight, KS, stride_sd, stride_sk, stride_cd, stride_ck,
+               BKS: tl.constexpr):
+    """One causal-conv step per row: shift the row's taps left, append `b_u` (cast to the state's dtype, as
+    `gated_conv1d_step` does), store them, return their dot with the conv weight in fp32."""
+    o_t = tl.arange(0, BKS)
+    m_t = m_n[:, None] & (o_t < KS)[None, :]
+    p_s = conv_state + o_n[:, None] * stride_sd + o_t[None, :] * stride_sk
+    b_older = tl.load(p_s + stride_sk, mask=m_n[:, None] & (o_t < KS - 1)[None, :], other=0.0)
+    b_new = b_u.to(conv_state.dtype.element_ty)[:, None]
+    b_s = tl.where((o_t == KS - 1)[None, :], b_new, b_older)
+    # A row's taps may sit in different threads: every old tap must be read before any is overwritten.
+    tl.debug_barrier()
+    tl.store(p_s, b_s, mask=m_t)
+    b_cw = tl.load(conv_weight + o_n[:, None] * stride_cd + o_t[None, :] * stride_ck, mask=m_t, other=0.0)
+    return tl.sum(b_s.to(tl.float32) * b_cw.to(tl.float32), 1)
+
+
+@triton.jit
+def _gemv_kernel(x, norm_weight, w, bias, residual, y, conv_state, conv_weight, N, K, stride_w, eps, KS,
+                 stride_sd, stride_sk, stride_cd, stride_ck,
                  BN: tl.constexpr, PRE: tl.constexpr, BK: tl.constexpr, NB: tl.constexpr, NORM: tl.constexpr,
-                 GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+                 GATED: tl.constexpr, CONV: tl.constexpr, BKS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+    """GATED: `value * silu(gate)` of the two row halves; CONV: `silu(conv_step(value)) * gate` instead, the value
+    entering the conv state (`[N, KS]` taps per row, oldest first, advanced in place) as its newest tap."""
     let_next_kernel_start(PDL)
     i_n = tl.program_id(0)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -107,16 +129,24 @@ def _gemv_kernel(x, norm_weight, w, bias, residual, y, N, K, stride_w, eps,
         b_gate += tl.sum(b_acc_gate, 1)
         if HAS_BIAS:
             b_gate += tl.load(bias + N + o_n, mask=m_n, other=0.0).to(tl.float32)
-        b_y = b_y * b_gate * tl.sigmoid(b_gate)
+        if CONV:
+            b_y = _conv_step(b_y, o_n, m_n, conv_state, conv_weight, KS, stride_sd, stride_sk, stride_cd, stride_ck,
+                             BKS)
+            b_y = b_y * tl.sigmoid(b_y) * b_gate
+        else:
+            b_y = b_y * b_gate * tl.sigmoid(b_gate)
     if HAS_RESIDUAL:
         b_y += tl.load(residual + o_n, mask=m_n, other=0.0).to(tl.float32)
     tl.store(y + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
 
 
-@torch.library.custom_op("based::gemv", mutates_args=())
+@torch.library.custom_op("based::gemv", mutates_args=("conv_state",))
 def _gemv_op(x: Tensor, norm_weight: Optional[Tensor], norm_eps: float, weight: Tensor, bias: Optional[Tensor],
-             residual: Optional[Tensor], gated: bool, chain: bool) -> Tensor:
-    """`chain`: may the kernel be chained (`chain_options`), i.e. read weights before the previous kernel ends."""
+             residual: Optional[Tensor], gated: bool, conv_state: Optional[Tensor], conv_weight: Optional[Tensor],
+             chain: bool) -> Tensor:
+    """`gated`: the weight stacks two halves of N rows, for the SwiGLU gate or, with `conv_state` (`[1, N, KS]`) and
+    `conv_weight` (`[N, KS]`), for BaseConv's conv gate. `chain`: may the kernel be chained (`chain_options`),
+    i.e. read weights before the previous kernel ends."""
     K = x.shape[-1]
     N = weight.shape[0] // 2 if gated else weight.shape[0]
     x_row = x.reshape(K)
@@ -131,27 +161,32 @@ def _gemv_op(x: Tensor, norm_weight: Optional[Tensor], norm_eps: float, weight: 
         BN = max(1, BN // 2) if gated else BN  # a gated program reads its value rows and as many gate rows
         # One stage: the kernel double-buffers its weight tiles itself.
         launch = dict(num_warps=num_warps, num_stages=1)
+    conv = conv_state is not None
+    # Absent tensors are never read (their flags are off): x stands in for their pointers.
+    state, taps = (conv_state[0], conv_weight) if conv else (x_row[:, None], x_row[:, None])
     _gemv_kernel[(triton.cdiv(N, BN),)](
         x_row, norm_weight if norm_weight is not None else x_row, weight, bias if bias is not None else x_row,
-        residual.reshape(N) if residual is not None else y, y, N, K, weight.stride(0), norm_eps, BN=BN, PRE=PRE,
-        BK=BK, NB=NB, NORM=norm_weight is not None, GATED=gated, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, **launch, **(chain_options(x.device) if chain else dict(PDL=False)))
+        residual.reshape(N) if residual is not None else y, y, state, taps, N, K, weight.stride(0), norm_eps,
+        taps.shape[1], *state.stride(), *taps.stride(), BN=BN, PRE=PRE, BK=BK, NB=NB,
+        NORM=norm_weight is not None, GATED=gated, CONV=conv, BKS=triton.next_power_of_2(taps.shape[1]),
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, **launch,
+        **(chain_options(x.device) if chain else dict(PDL=False)))
     return y
 
 
 @_gemv_op.register_fake
-def _(x, norm_weight, norm_eps, weight, bias, residual, gated, chain):
+def _(x, norm_weight, norm_eps, weight, bias, residual, gated, conv_state, conv_weight, chain):
     N = weight.shape[0] // 2 if gated else weight.shape[0]
     out_dtype = weight.dtype if residual is None else torch.promote_types(residual.dtype, weight.dtype)
     return x.new_empty(*x.shape[:-1], N, dtype=out_dtype)
 
 
-def linear_triton(x, weight, bias, residual, gated: bool, norm_weight, norm_eps: float):
+def linear_triton(x, weight, bias, residual, gated: bool, norm_weight, norm_eps: float, conv_state, conv_weight):
     """Same contract as `reference.linear_torch` for a single row of x (x.numel() == in_features)."""
     if x.numel() != x.shape[-1]:
         raise ValueError(f"the Triton linear kernel takes one row (x.numel() == in_features, a batch-1 decode "
                          f"step), got x of shape {tuple(x.shape)}; use backend='torch'")
     # A copy is written by the kernel just before the GEMV, so that GEMV must not read it early (unchained).
     copied = weight.stride(-1) != 1
-    return _gemv_op(x, norm_weight, norm_eps, weight.contiguous() if copied else weight, bias, residual, gated,
-                    not copied)
+    return _gemv_op(x, norm_weight, norm_eps, weight.contiguous() if copied else weight, bias, residual,
+                    gated or conv_state is not None, conv_state, conv_weight, not copied)
