@@ -99,8 +99,9 @@ def _decode_state(model, batch_size: int, max_seqlen: int, use_graph: bool):
     kept = getattr(model, "_graph_decode", None)
     if use_graph and kept is not None and kept[0] == key:
         cache, decode_step = kept[1], kept[2]
-        for tensor in tree_leaves(cache.layers):
-            tensor.zero_()
+        for leaf in tree_leaves(cache.layers):
+            if isinstance(leaf, torch.Tensor):
+                leaf.zero_()
         cache.position.zero_()
         return cache, decode_step
     model._graph_decode = None  # free the previous shape's graph and caches before allocating new ones

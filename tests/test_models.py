@@ -169,6 +169,18 @@ def test_bfloat16_model_and_caches(kind):
         assert cache.layers[0].k.shape == (2, 8, 4, 16) and cache.layers[0].k.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("kind", TINY)
+@torch.no_grad()
+def test_attention_layers_read_the_model_position_which_advances_once_per_call(kind):
+    model = tiny_model(kind)
+    cache = model.new_cache(1, 12)
+    positioned = [c for c in cache.layers if hasattr(c, "position")]
+    assert positioned and all(c.position is cache.position and not c.advance for c in positioned)
+    model(torch.randint(0, VOCAB, (1, 5)), cache=cache)
+    model(torch.randint(0, VOCAB, (1, 1)), cache=cache)
+    assert int(cache.position) == 6
+
+
 def test_attention_backend_name_on_cpu():
     assert attention_backend_name("cpu", torch.bfloat16) == "math"
     assert attention_backend_name(torch.device("cpu"), torch.float32) == "math"

@@ -57,11 +57,13 @@ class KVCache(NamedTuple):
 
     k, v:     `[B, max_seqlen, H, D]` in the model's dtype, position p in row p.
     position: 0-dim int64 tensor on the device, the position of the next token (advanced in place).
+    advance:  whether the layer advances `position` itself (see `based.nn.SlidingWindowCache`).
     """
 
     k: torch.Tensor
     v: torch.Tensor
     position: torch.Tensor
+    advance: bool = True
 
 
 class CausalSelfAttention(nn.Module):
@@ -97,7 +99,8 @@ class CausalSelfAttention(nn.Module):
             o = causal_attention(q, k, v)
         else:
             o = cached_attention(q, k.to(cache.k.dtype), v.to(cache.v.dtype), cache)
-            cache.position.add_(T)
+            if cache.advance:
+                cache.position.add_(T)
         return project(self.out_proj, o.reshape(B, T, self.d_model), residual=residual)
 
 

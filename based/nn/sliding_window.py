@@ -20,10 +20,13 @@ class SlidingWindowCache(NamedTuple):
     window:   ring buffer of the last `window` keys (after RoPE) and values.
     position: 0-dim int64 tensor on the layer's device, the absolute position of the next token. It
               lives on the device and is advanced in place, so a captured decode step replays correctly.
+    advance:  whether the layer advances `position` after each call; False when a model shares one position
+              among its layers and advances it once per step (`CausalLM.new_cache`).
     """
 
     window: WindowCache
     position: torch.Tensor
+    advance: bool = True
 
 
 class SlidingWindowAttention(nn.Module):
@@ -83,6 +86,6 @@ class SlidingWindowAttention(nn.Module):
             keys, values = torch.cat([past_k.to(k.dtype), k], 1), torch.cat([past_v.to(v.dtype), v], 1)
             o = sliding_window_attention(q, keys, values, window=self.window)
             window_cache_write(cache.window, k, v, start)
-        if cache is not None:
+        if cache is not None and cache.advance:
             cache.position.add_(T)
         return project(self.out_proj, o.reshape(B, T, self.d_model), residual=residual)
