@@ -9,7 +9,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from based.ops import (
     WindowCache,
-    apply_rotary,
     sliding_window_attention,
     sliding_window_attention_step,
     window_cache_read,
@@ -117,26 +116,21 @@ step_shapes = st.fixed_dictionaries({
 
 @settings(max_examples=15)
 @given(shape=step_shapes, tensor_pos=st.booleans(), prompt_fraction=st.floats(0.0, 1.0),
-       dtype=st.sampled_from([torch.float64, torch.float32]), rotary=st.booleans())
-def test_prefill_then_steps_match_parallel_at_every_position(shape, tensor_pos, prompt_fraction, dtype, rotary):
-    """window_cache_write of a prompt, then one step per token (int or tensor pos); the ring wraps. With
-    `rotary` (even head dims), the steps rotate q and k themselves and the formula gets them rotated."""
+       dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_prefill_then_steps_match_parallel_at_every_position(shape, tensor_pos, prompt_fraction, dtype):
+    """window_cache_write of a prompt, then one step per token (int or tensor pos); the ring wraps."""
     B, T, Hkv, G, D, Dv, W = (shape[key] for key in ("B", "T", "Hkv", "groups", "D", "Dv", "window"))
     q, k, v = random_qkv(B, T, T, G * Hkv, Hkv, D, Dv, dtype)
-    rotary_base = 100.0 if rotary and D % 2 == 0 else None
-    q_rot, k_rot = q, k
-    if rotary_base is not None:
-        q_rot, k_rot = (apply_rotary(x, torch.arange(T), rotary_base) for x in (q, k))
-    ref = full_reference(q_rot, k_rot, v, W)
+    ref = full_reference(q, k, v, W)
     P = int(T * prompt_fraction)  # prompt length, may be 0 (pure decode) or longer than the window
 
     cache = WindowCache.zeros(B, W, Hkv, D, value_dim=Dv, dtype=dtype)
     if P:
-        window_cache_write(cache, k_rot[:, :P], v[:, :P], torch.tensor(0) if tensor_pos else 0)
+        window_cache_write(cache, k[:, :P], v[:, :P], torch.tensor(0) if tensor_pos else 0)
     pos = torch.tensor(P) if tensor_pos else P
     outs = []
     for t in range(P, T):
-        outs.append(sliding_window_attention_step(q[:, t], k[:, t], v[:, t], cache, pos, rotary_base=rotary_base))
+        outs.append(sliding_window_attention_step(q[:, t], k[:, t], v[:, t], cache, pos))
         if tensor_pos:
             pos += 1  # in place, as a CUDA-graph replay would
         else:
@@ -237,17 +231,6 @@ def test_bad_scale_and_backend_raise():
         sliding_window_attention(*_qkv(), window=3, backend="flash")
     with pytest.raises(ValueError, match="has no 'cuda' backend"):
         sliding_window_attention(*_qkv(), window=3, backend="cuda")
-
-
-def test_bad_rotary_base_raises():
-    q, k, v = (x[:, 0] for x in _qkv())  # head dim 8
-    cache = WindowCache.zeros(1, 3, 2, 8, value_dim=5)
-    for base in (0.0, -1.0, "1e4", True):
-        with pytest.raises(ValueError, match="rotary_base must be a number > 0"):
-            sliding_window_attention_step(q, k, v, cache, 0, rotary_base=base)
-    odd = WindowCache.zeros(1, 3, 2, 7, value_dim=5)
-    with pytest.raises(ValueError, match="even head dim"):
-        sliding_window_attention_step(q[..., :7], k[..., :7], v, odd, 0, rotary_base=100.0)
 
 
 def test_bad_cache_and_pos_raise():

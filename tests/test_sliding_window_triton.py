@@ -12,8 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from based.ops import (WindowCache, apply_rotary, sliding_window_attention, sliding_window_attention_step,
-                       window_cache_write)
+from based.ops import WindowCache, sliding_window_attention, sliding_window_attention_step, window_cache_write
 from tests.helpers import TOLERANCE, assert_close
 from tests.test_sliding_window import full_reference, random_qkv
 
@@ -42,24 +41,18 @@ def check_parallel(B, Tq, Tk, H, Hkv, D, Dv, window, dtype, device):
             assert_close(g, g_ref, dtype, f"d{name}")
 
 
-def check_decode(B, T, H, Hkv, D, Dv, window, prompt, dtype, cache_dtype, device, rotary_base=None):
+def check_decode(B, T, H, Hkv, D, Dv, window, prompt, dtype, cache_dtype, device):
     """A prompt written into the ring, then one Triton step per token (tensor pos, advanced in place as a
-    CUDA-graph replay would) against the parallel formula at every position. With `rotary_base` the steps
-    rotate q and k themselves; the formula gets them rotated by the reference."""
+    CUDA-graph replay would) against the parallel formula at every position."""
     q, k, v = (x.to(device) for x in random_qkv(B, T, T, H, Hkv, D, Dv, dtype))
-    q_rot, k_rot = q, k
-    if rotary_base is not None:
-        positions = torch.arange(T, device=device)
-        q_rot, k_rot = (apply_rotary(x, positions, rotary_base, backend="torch") for x in (q, k))
-    ref = full_reference(q_rot, k_rot, v, window)
+    ref = full_reference(q, k, v, window)
     cache = WindowCache.zeros(B, window, Hkv, D, value_dim=Dv, device=device, dtype=cache_dtype)
     if prompt:
-        window_cache_write(cache, k_rot[:, :prompt], v[:, :prompt], 0)
+        window_cache_write(cache, k[:, :prompt], v[:, :prompt], 0)
     pos = torch.tensor(prompt, device=device)
     outs = []
     for t in range(prompt, T):
-        outs.append(sliding_window_attention_step(q[:, t], k[:, t], v[:, t], cache, pos, backend="triton",
-                                                  rotary_base=rotary_base))
+        outs.append(sliding_window_attention_step(q[:, t], k[:, t], v[:, t], cache, pos, backend="triton"))
         pos += 1
     assert outs[0].dtype == dtype
     assert_close(torch.stack(outs, 1), ref[:, prompt:], dtype, "steps")
@@ -85,12 +78,10 @@ def test_interpreted_kernels_take_non_contiguous_inputs():
 @interpreter_only
 @settings(max_examples=6)
 @given(T=st.integers(1, 40), window=st.sampled_from([1, 3, 16, 50]), groups=st.sampled_from([1, 3]),
-       prompt_fraction=st.floats(0.0, 0.9), cache_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-       rotary_base=st.sampled_from([None, 10000.0, 500.0]))
-def test_interpreted_decode_matches_parallel(T, window, groups, prompt_fraction, cache_dtype, rotary_base):
+       prompt_fraction=st.floats(0.0, 0.9), cache_dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_interpreted_decode_matches_parallel(T, window, groups, prompt_fraction, cache_dtype):
     dtype = torch.float32 if cache_dtype == torch.float32 else torch.bfloat16
-    check_decode(2, T, 2 * groups, 2, 16, 24, window, int(T * prompt_fraction), dtype, cache_dtype, "cpu",
-                 rotary_base)
+    check_decode(2, T, 2 * groups, 2, 16, 24, window, int(T * prompt_fraction), dtype, cache_dtype, "cpu")
 
 
 def test_triton_backend_rejects_what_it_cannot_run():
@@ -129,9 +120,8 @@ def test_gpu_kernels_continue_from_cached_keys(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("window, groups, D", [(1, 1, 64), (7, 4, 112), (129, 1, 128), (129, 4, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rotary_base", [None, 10000.0])
-def test_gpu_decode_matches_parallel_at_every_position(window, groups, D, dtype, rotary_base):
-    check_decode(3, 300, 2 * groups, 2, D, D, window, 150, dtype, dtype, "cuda", rotary_base)
+def test_gpu_decode_matches_parallel_at_every_position(window, groups, D, dtype):
+    check_decode(3, 300, 2 * groups, 2, D, D, window, 150, dtype, dtype, "cuda")
 
 
 @pytest.mark.gpu

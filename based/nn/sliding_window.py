@@ -70,25 +70,22 @@ class SlidingWindowAttention(nn.Module):
         if cache is not None:
             check_cache_type(cache, SlidingWindowCache, "SlidingWindowAttention")
             check_cache_batch(cache.window.k.shape[0], x)
-        qkv = project(self.Wqkv, x, norm=norm)
-        if cache is not None and T == 1:
-            # The decode step rotates q and k itself and reads the position on the device only, so it can be
-            # graph-captured: one launch for rotary, ring write and attention.
-            q, k, v = qkv.view(B, 3, self.num_heads, self.head_dim).unbind(1)
-            o = sliding_window_attention_step(q, k, v, cache.window, cache.position,
-                                              rotary_base=self.rotary_base)[:, None]
+        start = None if cache is None else cache.position
+        q, k, v = rotated_qkv(project(self.Wqkv, x, norm=norm), self.num_heads, start, self.rotary_base)
+
+        if cache is None:
+            o = sliding_window_attention(q, k, v, window=self.window)
+        elif T == 1:
+            # The decode step: reads the position on the device only, so it can be graph-captured.
+            o = sliding_window_attention_step(q[:, 0], k[:, 0], v[:, 0], cache.window, cache.position)[:, None]
         else:
-            q, k, v = rotated_qkv(qkv, self.num_heads, None if cache is None else cache.position, self.rotary_base)
-            if cache is None:
-                o = sliding_window_attention(q, k, v, window=self.window)
-            else:
-                # A prompt chunk: attend over the cached tail of the window plus the chunk itself.
-                # The tail's length depends on the position, so it is read on the host here.
-                start = int(cache.position)
-                past_k, past_v = window_cache_read(cache.window, start)
-                keys, values = torch.cat([past_k.to(k.dtype), k], 1), torch.cat([past_v.to(v.dtype), v], 1)
-                o = sliding_window_attention(q, keys, values, window=self.window)
-                window_cache_write(cache.window, k, v, start)
+            # A prompt chunk: attend over the cached tail of the window plus the chunk itself.
+            # The tail's length depends on the position, so it is read on the host here.
+            start = int(cache.position)
+            past_k, past_v = window_cache_read(cache.window, start)
+            keys, values = torch.cat([past_k.to(k.dtype), k], 1), torch.cat([past_v.to(v.dtype), v], 1)
+            o = sliding_window_attention(q, keys, values, window=self.window)
+            window_cache_write(cache.window, k, v, start)
         if cache is not None and cache.advance:
             cache.position.add_(T)
         return project(self.out_proj, o.reshape(B, T, self.d_model), residual=residual)

@@ -16,9 +16,9 @@ from based.ops.rotary.reference import inverse_frequencies
 
 
 @functools.lru_cache(maxsize=None)
-def cached_inverse_frequencies(dim: int, base: float, device: torch.device) -> Tensor:
+def _cached_inverse_frequencies(dim: int, base: float, device: torch.device) -> Tensor:
     """The reference's own values, computed once per (dim, base, device): a decode step replayed from a
-    CUDA graph reads them without recomputing (also the sliding-window decode kernel's, which rotates too)."""
+    CUDA graph reads them without recomputing."""
     return inverse_frequencies(dim, base, device)
 
 
@@ -51,7 +51,7 @@ def _rotary_op(x: Tensor, positions: Tensor, base: float) -> Tensor:
     out = torch.empty(B, T, H, D, device=x.device, dtype=x.dtype)
     if out.numel():
         _rotary_kernel[(B * T,)](
-            x, positions, cached_inverse_frequencies(D, base, x.device), out, T, H,
+            x, positions, _cached_inverse_frequencies(D, base, x.device), out, T, H,
             x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
             HALF=D // 2, BH=triton.next_power_of_2(H), BP=triton.next_power_of_2(D // 2),
             **chain_options(x.device))

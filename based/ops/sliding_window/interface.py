@@ -41,8 +41,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 def sliding_window_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: WindowCache, pos, *,
-                                  scale: float | None = None, rotary_base: float | None = None,
-                                  backend: str = "auto") -> torch.Tensor:
+                                  scale: float | None = None, backend: str = "auto") -> torch.Tensor:
     """One decode step of sliding-window attention with window `W = cache.window`.
 
     Writes k, v into slot `pos % W` of `cache` **in place**, then attends over the slots holding
@@ -57,9 +56,7 @@ def sliding_window_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
             reads its value on the host, so the step can be captured in a CUDA graph and replayed with
             `pos` updated in place.
         scale: `1/sqrt(D)` when None.
-        rotary_base: when given, q and k are first rotated to position `pos` (`based.ops.apply_rotary` with
-            this base; the cache keeps the rotated key), inside the same launch on the Triton backend.
-        backend: "auto", "torch" or "triton" (one fused launch: rotary, ring write and attention).
+        backend: "auto", "torch" or "triton" (one fused launch: ring write + attention).
 
     Returns:
         `o` `[B, H, Dv]` in q's dtype.
@@ -68,14 +65,8 @@ def sliding_window_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     check_window_cache(cache, k, v)
     check_position(pos, cache, allow_tensor=True)
     scale = _resolve_scale(scale, q)
-    if rotary_base is not None:
-        if isinstance(rotary_base, bool) or not isinstance(rotary_base, Real) or not rotary_base > 0:
-            raise ValueError(f"rotary_base must be a number > 0, got {rotary_base!r}")
-        if q.shape[-1] % 2:
-            raise ValueError(f"rotary embeddings need an even head dim, got {q.shape[-1]}")
-        rotary_base = float(rotary_base)
     impl = resolve_backend("sliding_window_attention_step", backend, q.device, _implementations(parallel=False))
-    return impl(q, k, v, cache, pos, scale, rotary_base)
+    return impl(q, k, v, cache, pos, scale)
 
 
 def _implementations(parallel: bool):

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from based.ops.linear_attention.state import accumulation_dtype
-from based.ops.rotary import apply_rotary
 from based.ops.sliding_window.cache import WindowCache, write_ring
 
 BLOCK_SIZE = 64
@@ -57,11 +56,7 @@ def sliding_window_attention_torch(q, k, v, window: int, scale: float, block_siz
     return o[:, :Tq].to(q.dtype)
 
 
-def sliding_window_attention_step_torch(q, k, v, cache: WindowCache, pos, scale: float,
-                                        rotary_base: float | None = None):
-    if rotary_base is not None:
-        position = torch.as_tensor(pos, device=q.device).view(1)
-        q, k = (apply_rotary(x[:, None], position, rotary_base)[:, 0] for x in (q, k))
+def sliding_window_attention_step_torch(q, k, v, cache: WindowCache, pos, scale: float):
     write_ring(cache, k[:, None], v[:, None], pos)
     B, H, D = q.shape
     W, Hkv = cache.k.shape[1], cache.k.shape[2]

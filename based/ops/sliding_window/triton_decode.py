@@ -5,8 +5,6 @@ the token that leaves the window, so the program attends over the new token (its
 registers) and the W - 1 other slots, then overwrites that slot with the new key and value. Slots past `pos`
 are not written yet before the ring fills and are masked. All arithmetic is fp32 with 2D tiles (a [slots, D]
 block of keys against one query row): the step moves W keys and values per head and is bound by memory.
-With ROTARY, the program rotates q and the new k to `pos` itself (RoPE, rotate-half layout, the angles of
-`based.ops.rotary`), which saves the decode step a launch per layer.
 """
 from __future__ import annotations
 
@@ -16,7 +14,6 @@ import triton.language as tl
 
 from based.ops._backend import decode_launch
 from based.ops._triton import let_next_kernel_start, wait_for_previous_kernel
-from based.ops.rotary.triton_kernel import cached_inverse_frequencies
 from based.ops.sliding_window.triton_common import LOG2_E, load_rows
 
 # Slots per block and warps, chosen on an H200 (window 129, head dim 112, bf16): with 1024 x 16 programs,
@@ -28,23 +25,13 @@ INTERPRETER_SLOTS = 16
 
 
 @triton.jit
-def _rotated(x, o_d, m_d, b_cos, b_sin, HALF: tl.constexpr):
-    """Row `x[o_d]` (fp32) rotated: pair i is (i, i + HALF); the first of a pair gets x1 cos - x2 sin, the
-    second x2 cos + x1 sin."""
-    first = o_d < HALF
-    b_x = tl.load(x + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_partner = tl.load(x + tl.where(first, o_d + HALF, o_d - HALF), mask=m_d, other=0.0).to(tl.float32)
-    return b_x * b_cos + tl.where(first, -b_partner, b_partner) * b_sin
-
-
-@triton.jit
 def _decode_kernel(
-    q, k, v, cache_k, cache_v, o, pos_ptr, pos_value, inv_freq, W, scale_log2,
+    q, k, v, cache_k, cache_v, o, pos_ptr, pos_value, W, scale_log2,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_ob, stride_oh,
     stride_ckb, stride_ckw, stride_ckh, stride_ckd,
     stride_cvb, stride_cvw, stride_cvh, stride_cvd,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BW: tl.constexpr,
-    BD: tl.constexpr, BDV: tl.constexpr, POS_ON_DEVICE: tl.constexpr, ROTARY: tl.constexpr, PDL: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, POS_ON_DEVICE: tl.constexpr, PDL: tl.constexpr,
 ):
     let_next_kernel_start(PDL)
     wait_for_previous_kernel(PDL)
@@ -54,22 +41,14 @@ def _decode_kernel(
     slot = pos % W
     o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
     m_d, m_dv = o_d < D, o_dv < DV
-    if ROTARY:
-        b_angle = tl.load(inv_freq + o_d % (D // 2), mask=m_d, other=0.0) * pos  # pos may be a constexpr 1
-        b_cos, b_sin = tl.cos(b_angle), tl.sin(b_angle)
-        b_k_new = _rotated(k + i_b * stride_kb + i_hk * stride_kh, o_d, m_d, b_cos, b_sin, D // 2)
-    else:
-        b_k_new = tl.load(k + i_b * stride_kb + i_hk * stride_kh + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_k_new = tl.load(k + i_b * stride_kb + i_hk * stride_kh + o_d, mask=m_d, other=0.0).to(tl.float32)
     b_v_new = tl.load(v + i_b * stride_vb + i_hk * stride_vh + o_dv, mask=m_dv, other=0.0).to(tl.float32)
     p_ck = cache_k + i_b * stride_ckb + i_hk * stride_ckh
     p_cv = cache_v + i_b * stride_cvb + i_hk * stride_cvh
     # The G query heads of a kv head one after another: their second reads of the keys hit the cache.
     for g in tl.static_range(G):
         i_h = i_hk * G + g
-        if ROTARY:
-            b_q = _rotated(q + i_b * stride_qb + i_h * stride_qh, o_d, m_d, b_cos, b_sin, D // 2)
-        else:
-            b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_d, mask=m_d, other=0.0).to(tl.float32)
+        b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_d, mask=m_d, other=0.0).to(tl.float32)
         # The new token starts the online softmax: running max = its score, sum = 1, accumulator = its value.
         b_max = tl.sum(b_q * b_k_new, 0) * scale_log2
         b_sum = tl.full([], 1.0, tl.float32)
@@ -92,23 +71,19 @@ def _decode_kernel(
     tl.store(p_cv + slot * stride_cvw + o_dv * stride_cvd, b_v_new.to(cache_v.dtype.element_ty), mask=m_dv)
 
 
-def decode_step(q, k, v, cache_k, cache_v, pos, scale: float, rotary_base: float | None = None) -> torch.Tensor:
+def decode_step(q, k, v, cache_k, cache_v, pos, scale: float) -> torch.Tensor:
     """o `[B, H, DV]`; writes k, v into slot pos % W of the cache. q `[B, H, D]`, k `[B, Hkv, D]`,
-    v `[B, Hkv, DV]` with unit stride along the head dim; pos an int or a 0-dim int64 device tensor. With
-    `rotary_base`, q and k are rotated to pos first (the cache keeps the rotated k)."""
+    v `[B, Hkv, DV]` with unit stride along the head dim; pos an int or a 0-dim int64 device tensor."""
     B, H, D = q.shape
     Hkv, DV, W = k.shape[1], v.shape[-1], cache_k.shape[1]
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     o = torch.empty(B, H, DV, device=q.device, dtype=q.dtype)
     on_device = isinstance(pos, torch.Tensor)
     BW, launch = decode_launch(q.device, B * Hkv, FEW_PROGRAMS, MANY_PROGRAMS, INTERPRETER_SLOTS)
-    rotary = rotary_base is not None
-    inv_freq = cached_inverse_frequencies(D, rotary_base, q.device) if rotary else q
     _decode_kernel[(B * Hkv,)](
-        q, k, v, cache_k, cache_v, o, pos if on_device else q, 0 if on_device else pos, inv_freq, W,
-        scale * LOG2_E,
+        q, k, v, cache_k, cache_v, o, pos if on_device else q, 0 if on_device else pos, W, scale * LOG2_E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         *cache_k.stride(), *cache_v.stride(),
         HKV=Hkv, G=H // Hkv, D=D, DV=DV, BW=BW, BD=triton.next_power_of_2(D), BDV=triton.next_power_of_2(DV),
-        POS_ON_DEVICE=on_device, ROTARY=rotary, **launch)
+        POS_ON_DEVICE=on_device, **launch)
     return o

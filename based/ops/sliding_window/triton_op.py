@@ -53,13 +53,13 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("based::sliding_window_step", mutates_args=("cache_k", "cache_v"))
 def _step_op(q: Tensor, k: Tensor, v: Tensor, cache_k: Tensor, cache_v: Tensor, pos_tensor: Optional[Tensor],
-             pos_int: int, scale: float, rotary_base: Optional[float]) -> Tensor:
+             pos_int: int, scale: float) -> Tensor:
     pos = pos_int if pos_tensor is None else pos_tensor
-    return triton_decode.decode_step(q, k, v, cache_k, cache_v, pos, scale, rotary_base)
+    return triton_decode.decode_step(q, k, v, cache_k, cache_v, pos, scale)
 
 
 @_step_op.register_fake
-def _(q, k, v, cache_k, cache_v, pos_tensor, pos_int, scale, rotary_base):
+def _(q, k, v, cache_k, cache_v, pos_tensor, pos_int, scale):
     return q.new_empty(*q.shape[:2], v.shape[-1])
 
 
@@ -73,10 +73,9 @@ def sliding_window_attention_triton(q, k, v, window: int, scale: float):
     return _forward_op(q, k, v, min(window, k.shape[1]), scale)[0]
 
 
-def sliding_window_attention_step_triton(q, k, v, cache: WindowCache, pos, scale: float,
-                                         rotary_base: float | None = None):
+def sliding_window_attention_step_triton(q, k, v, cache: WindowCache, pos, scale: float):
     """Same contract as `reference.sliding_window_attention_step_torch`, in one Triton launch."""
     _check_dtype(q)
     if isinstance(pos, Tensor):
-        return _step_op(q, k, v, cache.k, cache.v, pos, 0, scale, rotary_base)
-    return _step_op(q, k, v, cache.k, cache.v, None, pos, scale, rotary_base)
+        return _step_op(q, k, v, cache.k, cache.v, pos, 0, scale)
+    return _step_op(q, k, v, cache.k, cache.v, None, pos, scale)
