@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from based.ops import linear
+from based.ops import linear, stacked_linear
 from based.ops._backend import chain_options
 from tests.helpers import assert_close
 
@@ -71,6 +71,18 @@ def check_conv(leading, K, N, taps, dtype, with_bias, with_norm, backend, device
     assert_close(conv_state, expected_state, dtype, "conv state")
 
 
+def check_stacked(leading, K, rows, dtype, with_norm, backend, device):
+    """stacked_linear against the formula per weight (a layer's q, k, v: no bias)."""
+    x = torch.randn(*leading, K, device=device, dtype=torch.float32 if with_norm else dtype)
+    weights = [(torch.randn(n, K, device=device) / K**0.5).to(dtype) for n in rows]
+    norm = dict(norm_weight=(1 + torch.rand(K, device=device)).to(dtype)) if with_norm else {}
+    outs = stacked_linear(x, weights, backend=backend, **norm)
+    assert len(outs) == len(rows)
+    for out, weight in zip(outs, weights):
+        assert out.shape == (*leading, weight.shape[0]) and out.dtype == dtype
+        assert_close(out, formula(x, weight, None, None, False, norm.get("norm_weight")), dtype)
+
+
 # One row (a batch-1 decode step) in every leading shape the layers pass, odd K and N.
 SHAPES = st.tuples(st.sampled_from([(1,), (1, 1), ()]), st.sampled_from([1, 16, 63, 130]),
                    st.sampled_from([1, 24, 64, 130]))
@@ -113,6 +125,35 @@ def test_reference_conv_gate_matches_formula(leading, taps, dtype, with_bias, wi
        with_bias=st.booleans(), with_norm=st.booleans())
 def test_interpreted_kernel_conv_gate_matches_formula(leading, K, N, taps, dtype, with_bias, with_norm):
     check_conv(leading, K, N, taps, dtype, with_bias, with_norm, "triton", "cpu")
+
+
+@settings(max_examples=10)
+@given(leading=st.sampled_from([(1,), (1, 1), (3, 2)]), rows=st.sampled_from([(24,), (16, 16, 64), (5, 130)]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]), with_norm=st.booleans())
+def test_reference_stacked_matches_formula(leading, rows, dtype, with_norm):
+    check_stacked(leading, 40, rows, dtype, with_norm, "torch", "cpu")
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="set TRITON_INTERPRET=1 to run the kernel on CPU")
+@settings(max_examples=12)
+@given(leading=st.sampled_from([(1,), (1, 1)]), K=st.sampled_from([16, 63]),
+       rows=st.sampled_from([(24,), (16, 16, 64), (5, 130), (1, 3, 7)]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), with_norm=st.booleans())
+def test_interpreted_kernel_stacked_matches_formula(leading, K, rows, dtype, with_norm):
+    check_stacked(leading, K, rows, dtype, with_norm, "triton", "cpu")
+
+
+@pytest.mark.parametrize("weights, error, words", [
+    ([], TypeError, "one to three matrices"),
+    ([torch.randn(4, 8)] * 4, TypeError, "one to three matrices"),
+    (torch.randn(4, 8), TypeError, "one to three matrices"),
+    ([torch.randn(4, 8), torch.randn(4, 7)], ValueError, "must equal weight's in_features"),
+    ([torch.randn(4, 8), torch.randn(4, 8).double()], TypeError, "must share a dtype"),
+    ([torch.randn(4, 8), torch.randn(4, 8, device="meta")], ValueError, "on meta"),
+])
+def test_stacked_bad_inputs_raise(weights, error, words):
+    with pytest.raises(error, match=words):
+        stacked_linear(torch.randn(1, 8), weights)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="set TRITON_INTERPRET=1 to run the kernel on CPU")
@@ -188,6 +229,14 @@ def test_gpu_kernel_matches_formula(K, N, dtype, gated, with_bias, with_residual
 @pytest.mark.parametrize("with_bias, with_norm", [(False, False), (True, True)])
 def test_gpu_kernel_conv_gate_matches_formula(K, N, taps, dtype, with_bias, with_norm):
     check_conv((1, 1), K, N, taps, dtype, with_bias, with_norm, "triton", "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K, rows", [(1792, (256, 256, 1792)), (63, (16, 16, 64)), (5000, (3, 300))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_gpu_kernel_stacked_matches_formula(K, rows, dtype, with_norm):
+    check_stacked((1, 1), K, rows, dtype, with_norm, "triton", "cuda")
 
 
 @pytest.mark.gpu

@@ -6,7 +6,7 @@ from torch import nn
 
 from based.nn._validate import check_cache_batch, check_cache_type, check_hidden_states, parameter_placement
 from based.nn.norm import RMSNorm
-from based.nn.projection import normalize_once, project
+from based.nn.projection import project, project_stacked
 from based.ops import LinearAttentionState, linear_attention, linear_attention_step
 from based.ops.linear_attention.state import accumulation_dtype
 
@@ -53,10 +53,10 @@ class LinearAttention(nn.Module):
         decoding one token on a GPU)."""
         check_hidden_states(x, self.d_model)
         B, T, _ = x.shape
-        x, norm = normalize_once(x, norm)
-        q = project(self.proj_q, x, norm=norm).view(B, T, self.num_heads, self.feature_dim)
-        k = project(self.proj_k, x, norm=norm).view(B, T, self.num_heads, self.feature_dim)
-        v = project(self.proj_v, x, norm=norm).view(B, T, self.num_heads, self.head_dim)
+        q, k, v = project_stacked([self.proj_q, self.proj_k, self.proj_v], x, norm=norm)
+        q = q.view(B, T, self.num_heads, self.feature_dim)
+        k = k.view(B, T, self.num_heads, self.feature_dim)
+        v = v.view(B, T, self.num_heads, self.head_dim)
         if cache is None:
             o = linear_attention(q, k, v, eps=self.eps)
         else:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from based.nn.norm import RMSNorm
-from based.ops import linear
+from based.ops import linear, stacked_linear
 
 
 def project(layer: nn.Linear, x: torch.Tensor, *, norm: RMSNorm | None = None, **epilogue) -> torch.Tensor:
@@ -21,9 +21,9 @@ def project(layer: nn.Linear, x: torch.Tensor, *, norm: RMSNorm | None = None, *
     return linear(x, layer.weight, layer.bias, **epilogue)
 
 
-def normalize_once(x: torch.Tensor, norm: RMSNorm | None) -> tuple[torch.Tensor, RMSNorm | None]:
-    """`(x, norm)` for a layer that projects x several times: a single row keeps its norm for each projection
-    (fused into each matrix-vector kernel, no launch of its own), several rows are normalised here once."""
-    if norm is None or x.shape[:-1].numel() == 1:
-        return x, norm
-    return norm(x), None
+def project_stacked(layers: list[nn.Linear], x: torch.Tensor, *, norm: RMSNorm | None = None) -> tuple[torch.Tensor, ...]:
+    """`tuple(project(layer, x, norm=norm) for layer in layers)` for bias-free layers (a layer's q, k and v):
+    one matrix-vector launch for all of them when decoding one token on a GPU, one norm otherwise."""
+    if norm is None:
+        return stacked_linear(x, [layer.weight for layer in layers])
+    return stacked_linear(x, [layer.weight for layer in layers], norm_weight=norm.weight, norm_eps=norm.eps)

@@ -1,6 +1,6 @@
 """Ops of Based models. Each takes `backend="auto" | "torch" | "triton" | "cuda"`."""
 from based.ops.feature_map import feature_dim_of, taylor_feature_map
-from based.ops.linear import linear
+from based.ops.linear import linear, stacked_linear
 from based.ops.linear_attention import LinearAttentionState, linear_attention, linear_attention_step
 from based.ops.rms_norm import rms_norm
 from based.ops.rotary import apply_rotary
@@ -25,6 +25,7 @@ __all__ = [
     "window_cache_write",
     "window_cache_read",
     "linear",
+    "stacked_linear",
     "rms_norm",
     "apply_rotary",
     "causal_conv1d",

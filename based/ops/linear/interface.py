@@ -5,7 +5,7 @@ import torch
 
 from based.ops._backend import grad_needed, resolve_backend, triton_available
 from based.ops._validate import KERNEL_DTYPES, check_same_device, check_shape, check_tensor
-from based.ops.linear.reference import linear_torch
+from based.ops.linear.reference import linear_torch, stacked_linear_torch
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -50,19 +50,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     (programmatic dependent launch) and reads its first weight tile before that kernel ends: a weight written
     earlier in the same graph would be read stale. Write weights between replays.
     """
-    check_tensor("x", x, ndim=None)
-    check_tensor("weight", weight, ndim=2)
+    _check_input(x, weight, norm_weight, norm_eps)
     if not isinstance(gated, bool):
         raise TypeError(f"gated must be a bool, got {type(gated).__name__}")
     rows, in_features = weight.shape
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x's last dim ({x.shape[-1]}) must equal weight's in_features ({in_features})")
-    if norm_weight is None and x.dtype != weight.dtype:
-        raise TypeError(f"x and weight must share a dtype, got {x.dtype} and {weight.dtype}")
-    if norm_weight is not None:
-        _check_vector_like_weight("norm_weight", norm_weight, in_features, weight.dtype)
-        if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or norm_eps < 0:
-            raise ValueError(f"norm_eps must be a number >= 0, got {norm_eps!r}")
     if bias is not None:
         _check_vector_like_weight("bias", bias, rows, weight.dtype)
     if (conv_state is None) != (conv_weight is None):
@@ -89,6 +80,51 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return impl(x, weight, bias, residual, gated, norm_weight, float(norm_eps), conv_state, conv_weight)
 
 
+def stacked_linear(x: torch.Tensor, weights, *, norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-5,
+                   backend: str = "auto") -> tuple[torch.Tensor, ...]:
+    """`tuple(linear(x, w, norm_weight=norm_weight, norm_eps=norm_eps) for w in weights)`: several projections of
+    one input, such as a layer's separate q, k and v weights, without biases.
+
+    For a single row of x (a batch-1 decode step) the Triton kernel computes them in one launch over the
+    weights' rows in turn, so the layer pays one kernel boundary instead of three; the reference normalises x
+    once and calls cuBLAS per weight.
+
+    Args:
+        x: `[..., in_features]`, as for `linear`.
+        weights: a list or tuple of one to three `[rows_i, in_features]` matrices of one dtype.
+        norm_weight, norm_eps, backend: as for `linear`.
+
+    Returns:
+        a tuple of `[..., rows_i]` in the weights' dtype.
+    """
+    if not isinstance(weights, (list, tuple)) or not 1 <= len(weights) <= 3:
+        raise TypeError(f"weights must be a list or tuple of one to three matrices, got {weights!r:.80}")
+    for weight in weights:
+        _check_input(x, weight, norm_weight, norm_eps)
+        if weight.dtype != weights[0].dtype:
+            raise TypeError(f"weights must share a dtype, got {weights[0].dtype} and {weight.dtype}")
+    check_same_device(x=x, norm_weight=norm_weight, **{f"weights[{i}]": w for i, w in enumerate(weights)})
+    if backend == "auto" and not all(_kernel_supports(x, w, None, None, norm_weight, None) for w in weights):
+        backend = "torch"
+    impl = resolve_backend("stacked_linear", backend, x.device, _implementations(stacked=True))
+    return impl(x, tuple(weights), norm_weight, float(norm_eps))
+
+
+def _check_input(x, weight, norm_weight, norm_eps) -> None:
+    """x against one weight, and the norm that may come before it."""
+    check_tensor("x", x, ndim=None)
+    check_tensor("weight", weight, ndim=2)
+    in_features = weight.shape[1]
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x's last dim ({x.shape[-1]}) must equal weight's in_features ({in_features})")
+    if norm_weight is None and x.dtype != weight.dtype:
+        raise TypeError(f"x and weight must share a dtype, got {x.dtype} and {weight.dtype}")
+    if norm_weight is not None:
+        _check_vector_like_weight("norm_weight", norm_weight, in_features, weight.dtype)
+        if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or norm_eps < 0:
+            raise ValueError(f"norm_eps must be a number >= 0, got {norm_eps!r}")
+
+
 def _check_vector_like_weight(name: str, tensor: torch.Tensor, size: int, dtype: torch.dtype) -> None:
     check_tensor(name, tensor, ndim=1)
     check_shape(name, tensor, (size,))
@@ -103,10 +139,10 @@ def _kernel_supports(x, weight, bias, residual, norm_weight, conv_state) -> bool
             and (residual is None or residual.dtype in KERNEL_DTYPES))
 
 
-def _implementations():
-    impls = {"torch": linear_torch}
+def _implementations(stacked: bool = False):
+    impls = {"torch": stacked_linear_torch if stacked else linear_torch}
     if triton_available():
-        from based.ops.linear.triton_gemv import linear_triton  # noqa: PLC0415 (needs triton)
+        from based.ops.linear import triton_gemv  # noqa: PLC0415 (needs triton)
 
-        impls["triton"] = linear_triton
+        impls["triton"] = triton_gemv.stacked_linear_triton if stacked else triton_gemv.linear_triton
     return impls

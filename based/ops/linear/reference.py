@@ -27,3 +27,10 @@ def linear_torch(x, weight, bias, residual, gated: bool, norm_weight=None, norm_
     if residual is None:
         return y
     return residual + y.to(torch.promote_types(residual.dtype, y.dtype))
+
+
+def stacked_linear_torch(x, weights, norm_weight=None, norm_eps: float = 1e-5):
+    """`tuple(x @ w.T for w in weights)`, x first replaced by `rms_norm(x, norm_weight, norm_eps)` (once)."""
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight, norm_eps)
+    return tuple(F.linear(x, w) for w in weights)

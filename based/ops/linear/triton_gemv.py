@@ -75,18 +75,24 @@ def _conv_step(b_u, o_n, m_n, conv_state, conv_weight, KS, stride_sd, stride_sk,
 
 
 @triton.jit
-def _gemv_kernel(x, norm_weight, w, bias, residual, y, conv_state, conv_weight, N, K, stride_w, eps, KS,
-                 stride_sd, stride_sk, stride_cd, stride_ck,
+def _gemv_kernel(x, norm_weight, w, w1, w2, bias, residual, y, conv_state, conv_weight, N, N0, N1, K, stride_w,
+                 stride_w1, stride_w2, eps, KS, stride_sd, stride_sk, stride_cd, stride_ck,
                  BN: tl.constexpr, PRE: tl.constexpr, BK: tl.constexpr, NB: tl.constexpr, NORM: tl.constexpr,
-                 GATED: tl.constexpr, CONV: tl.constexpr, BKS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+                 STACKED: tl.constexpr, GATED: tl.constexpr, CONV: tl.constexpr, BKS: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
     """GATED: `value * silu(gate)` of the two row halves; CONV: `silu(conv_step(value)) * gate` instead, the value
-    entering the conv state (`[N, KS]` taps per row, oldest first, advanced in place) as its newest tap."""
+    entering the conv state (`[N, KS]` taps per row, oldest first, advanced in place) as its newest tap.
+    STACKED: the N rows are those of three weights, N0 of `w`, N1 of `w1`, the rest of `w2` (a layer's q, k, v)."""
     let_next_kernel_start(PDL)
     i_n = tl.program_id(0)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    p_w = w + o_n[:, None] * stride_w
+    if STACKED:
+        p_w = tl.where((o_n < N0)[:, None], w + o_n[:, None] * stride_w,
+                       tl.where((o_n < N0 + N1)[:, None], w1 + (o_n - N0)[:, None] * stride_w1,
+                                w2 + (o_n - N0 - N1)[:, None] * stride_w2))
+    else:
+        p_w = w + o_n[:, None] * stride_w
     gate_rows = N * stride_w  # the gate rows sit N rows below the value rows
     # Weights do not depend on the previous kernel: load the first PRE columns, and the first tile of the loop
     # over the rest, before waiting for it.
@@ -141,14 +147,15 @@ def _gemv_kernel(x, norm_weight, w, bias, residual, y, conv_state, conv_weight, 
 
 
 @torch.library.custom_op("based::gemv", mutates_args=("conv_state",))
-def _gemv_op(x: Tensor, norm_weight: Optional[Tensor], norm_eps: float, weight: Tensor, bias: Optional[Tensor],
-             residual: Optional[Tensor], gated: bool, conv_state: Optional[Tensor], conv_weight: Optional[Tensor],
-             chain: bool) -> Tensor:
-    """`gated`: the weight stacks two halves of N rows, for the SwiGLU gate or, with `conv_state` (`[1, N, KS]`) and
-    `conv_weight` (`[N, KS]`), for BaseConv's conv gate. `chain`: may the kernel be chained (`chain_options`),
-    i.e. read weights before the previous kernel ends."""
+def _gemv_op(x: Tensor, norm_weight: Optional[Tensor], norm_eps: float, weight: Tensor, more_weights: list[Tensor],
+             bias: Optional[Tensor], residual: Optional[Tensor], gated: bool, conv_state: Optional[Tensor],
+             conv_weight: Optional[Tensor], chain: bool) -> Tensor:
+    """`more_weights`: up to two more weights whose rows follow `weight`'s in the output (no bias, gate or
+    residual then). `gated`: the weight stacks two halves of N rows, for the SwiGLU gate or, with `conv_state`
+    (`[1, N, KS]`) and `conv_weight` (`[N, KS]`), for BaseConv's conv gate. `chain`: may the kernel be chained
+    (`chain_options`), i.e. read weights before the previous kernel ends."""
     K = x.shape[-1]
-    N = weight.shape[0] // 2 if gated else weight.shape[0]
+    N = weight.shape[0] // 2 if gated else weight.shape[0] + sum(w.shape[0] for w in more_weights)
     x_row = x.reshape(K)
     out_dtype = weight.dtype if residual is None else torch.promote_types(residual.dtype, weight.dtype)
     y = torch.empty(*x.shape[:-1], N, device=x.device, dtype=out_dtype)
@@ -156,7 +163,7 @@ def _gemv_op(x: Tensor, norm_weight: Optional[Tensor], norm_eps: float, weight: 
     if x.device.type != "cuda":
         (BN, PRE, BK), NB, launch = INTERPRETER, INTERPRETER[1], {}
     else:
-        BN, PRE, BK, num_warps = TALL if weight.shape[0] >= TALL_ROWS else SHORT
+        BN, PRE, BK, num_warps = TALL if (2 * N if gated else N) >= TALL_ROWS else SHORT
         PRE = min(PRE, triton.next_power_of_2(K))
         BN = max(1, BN // 2) if gated else BN  # a gated program reads its value rows and as many gate rows
         # One stage: the kernel double-buffers its weight tiles itself.
@@ -164,19 +171,21 @@ def _gemv_op(x: Tensor, norm_weight: Optional[Tensor], norm_eps: float, weight: 
     conv = conv_state is not None
     # Absent tensors are never read (their flags are off): x stands in for their pointers.
     state, taps = (conv_state[0], conv_weight) if conv else (x_row[:, None], x_row[:, None])
+    w1, w2 = (more_weights * 2)[:2] if more_weights else (weight, weight)  # w2 is never read with one more
     _gemv_kernel[(triton.cdiv(N, BN),)](
-        x_row, norm_weight if norm_weight is not None else x_row, weight, bias if bias is not None else x_row,
-        residual.reshape(N) if residual is not None else y, y, state, taps, N, K, weight.stride(0), norm_eps,
-        taps.shape[1], *state.stride(), *taps.stride(), BN=BN, PRE=PRE, BK=BK, NB=NB,
-        NORM=norm_weight is not None, GATED=gated, CONV=conv, BKS=triton.next_power_of_2(taps.shape[1]),
+        x_row, norm_weight if norm_weight is not None else x_row, weight, w1, w2, bias if bias is not None else x_row,
+        residual.reshape(N) if residual is not None else y, y, state, taps, N, weight.shape[0], w1.shape[0], K,
+        weight.stride(0), w1.stride(0), w2.stride(0), norm_eps, taps.shape[1], *state.stride(), *taps.stride(),
+        BN=BN, PRE=PRE, BK=BK, NB=NB, NORM=norm_weight is not None, STACKED=bool(more_weights), GATED=gated,
+        CONV=conv, BKS=triton.next_power_of_2(taps.shape[1]),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, **launch,
         **(chain_options(x.device) if chain else dict(PDL=False)))
     return y
 
 
 @_gemv_op.register_fake
-def _(x, norm_weight, norm_eps, weight, bias, residual, gated, conv_state, conv_weight, chain):
-    N = weight.shape[0] // 2 if gated else weight.shape[0]
+def _(x, norm_weight, norm_eps, weight, more_weights, bias, residual, gated, conv_state, conv_weight, chain):
+    N = weight.shape[0] // 2 if gated else weight.shape[0] + sum(w.shape[0] for w in more_weights)
     out_dtype = weight.dtype if residual is None else torch.promote_types(residual.dtype, weight.dtype)
     return x.new_empty(*x.shape[:-1], N, dtype=out_dtype)
 
@@ -188,5 +197,17 @@ def linear_triton(x, weight, bias, residual, gated: bool, norm_weight, norm_eps:
                          f"step), got x of shape {tuple(x.shape)}; use backend='torch'")
     # A copy is written by the kernel just before the GEMV, so that GEMV must not read it early (unchained).
     copied = weight.stride(-1) != 1
-    return _gemv_op(x, norm_weight, norm_eps, weight.contiguous() if copied else weight, bias, residual,
+    return _gemv_op(x, norm_weight, norm_eps, weight.contiguous() if copied else weight, [], bias, residual,
                     gated or conv_state is not None, conv_state, conv_weight, not copied)
+
+
+def stacked_linear_triton(x, weights, norm_weight, norm_eps: float):
+    """Same contract as `reference.stacked_linear_torch` for a single row of x and up to three weights, in one
+    launch."""
+    if x.numel() != x.shape[-1]:
+        raise ValueError(f"the Triton linear kernel takes one row (x.numel() == in_features, a batch-1 decode "
+                         f"step), got x of shape {tuple(x.shape)}; use backend='torch'")
+    copied = any(w.stride(-1) != 1 for w in weights)
+    first, *rest = (w.contiguous() for w in weights) if copied else weights
+    y = _gemv_op(x, norm_weight, norm_eps, first, rest, None, None, False, None, None, not copied)
+    return y.split([w.shape[0] for w in weights], dim=-1)
