@@ -13,7 +13,6 @@ import sys
 from numbers import Real
 
 import torch
-from torch.utils._pytree import tree_leaves
 
 # Eager decode steps before capture: they run on a side stream, as the CUDA graph documentation asks,
 # so lazy one-time initialisation (library handles, workspaces) happens outside the capture.
@@ -99,9 +98,8 @@ def _decode_state(model, batch_size: int, max_seqlen: int, use_graph: bool):
     kept = getattr(model, "_graph_decode", None)
     if use_graph and kept is not None and kept[0] == key:
         cache, decode_step = kept[1], kept[2]
-        for leaf in tree_leaves(cache.layers):
-            if isinstance(leaf, torch.Tensor):
-                leaf.zero_()
+        for tensor in cache.layer_tensors():
+            tensor.zero_()
         cache.position.zero_()
         return cache, decode_step
     model._graph_decode = None  # free the previous shape's graph and caches before allocating new ones

@@ -30,7 +30,6 @@ import time
 import torch
 from _common import (DTYPES, attention_kernel, banner, check_out_path, copy_bandwidth, default_device, dtype_name,
                      environment, format_table, median_seconds, synchronize, write_results)
-from torch.utils._pytree import tree_leaves
 
 from based.generation import DecodeStep
 from based.models import BasedConfig, BasedLM, Transformer, TransformerConfig
@@ -105,7 +104,7 @@ def decode(model, batch: int, prefilled, args) -> tuple[float, float | None] | N
         cache = model.new_cache(batch, source.max_seqlen)
 
         def refill():  # every cache leaf has the batch first (positions are 0-dim): broadcast row 0
-            for dst, src in zip(tree_leaves(cache.layers), tree_leaves(source.layers)):
+            for dst, src in zip(cache.layer_tensors(), source.layer_tensors()):
                 dst.copy_(src)
             cache.position.copy_(source.position)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from based.generation import check_input_ids, generate
 from based.models.checkpoint import load_pretrained, save_pretrained
@@ -32,6 +33,10 @@ class ModelCache:
     position: torch.Tensor
     max_seqlen: int
     batch_size: int
+
+    def layer_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the layer caches hold, in a fixed order (a layer sharing the model's position lists it)."""
+        return [leaf for leaf in tree_leaves(self.layers) if isinstance(leaf, torch.Tensor)]
 
 
 def share_position(layer_cache, position: torch.Tensor):
