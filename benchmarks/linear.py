@@ -22,21 +22,21 @@ import sys
 import torch
 from _common import banner, copy_bandwidth, environment, format_table, gpu_missing, graph_ms
 
-from based.ops import linear
+from based.ops import linear, stacked_linear
 from based.ops.linear import triton_gemv
 
-# (name, rows, in_features, bias, gated, residual, norm): every projection of a Based-1.3B batch-1 decode step,
-# with what the blocks fuse into it (the norm before: x is then the fp32 residual stream).
+# (name, rows, in_features, epilogue): every projection of a Based-1.3B batch-1 decode step with what the blocks
+# fuse into it: "norm" before (x is then the fp32 residual stream), "bias", "gated", "conv" (BaseConv's conv
+# gate), "residual" after; rows as a tuple: one stacked launch over several weights (linear attention's q, k, v).
 SHAPES = [
-    ("BaseConv in_proj (+ norm)", 7168, 1792, True, False, False, True),
-    ("BaseConv out_proj (+ residual)", 1792, 3584, True, False, True, False),
-    ("MLP fc1 (+ norm, gated)", 7168, 1792, False, True, False, True),
-    ("MLP fc2 (+ residual)", 1792, 3584, False, False, True, False),
-    ("linear attn proj_q / proj_k (+ norm)", 256, 1792, False, False, False, True),
-    ("linear attn proj_v (+ norm)", 1792, 1792, False, False, False, True),
-    ("linear attn out_proj (+ residual)", 1792, 1792, False, False, True, False),
-    ("sliding window Wqkv (+ norm)", 5376, 1792, False, False, False, True),
-    ("lm_head (+ norm)", 50264, 1792, False, False, False, True),
+    ("BaseConv in_proj (+ norm, conv gate)", 7168, 1792, {"norm", "bias", "conv"}),
+    ("BaseConv out_proj (+ residual)", 1792, 3584, {"bias", "residual"}),
+    ("MLP fc1 (+ norm, gated)", 7168, 1792, {"norm", "gated"}),
+    ("MLP fc2 (+ residual)", 1792, 3584, {"residual"}),
+    ("linear attn q, k, v stacked (+ norm)", (256, 256, 1792), 1792, {"norm"}),
+    ("linear attn out_proj (+ residual)", 1792, 1792, {"residual"}),
+    ("sliding window Wqkv (+ norm)", 5376, 1792, {"norm"}),
+    ("lm_head (+ norm)", 50264, 1792, {"norm"}),
 ]
 # (rows per program, columns loaded before the wait, K per later iteration, warps), at most 64 bf16 of the
 # preloaded tile per thread
@@ -44,25 +44,39 @@ SWEEP = [(rows, pre, 256, warps) for rows, pre, warps in itertools.product([1, 2
          if rows * pre <= 2048 * warps]
 
 
-def projection_inputs(rows, K, bias, gated, residual, norm) -> dict:
-    """`linear`'s arguments for one projection, the weight as enough copies to exceed L2 three times over."""
+def projection_inputs(rows, K, epilogue) -> tuple[list, dict]:
+    """(weights, the other arguments) of one projection: its weights (a list of lists for a stacked launch) as
+    enough copies to exceed L2 three times over."""
     dtype, device = torch.bfloat16, torch.device("cuda")
-    copies = max(2, math.ceil(3 * torch.cuda.get_device_properties(device).L2_cache_size / (rows * K * 2)))
-    return dict(weights=[torch.randn(rows, K, device=device, dtype=dtype) / K**0.5 for _ in range(copies)],
-                bias=torch.randn(rows, device=device, dtype=dtype) if bias else None,
-                x=torch.randn(1, 1, K, device=device, dtype=torch.float32 if norm else dtype),
-                residual=torch.randn(1, 1, rows // 2 if gated else rows, device=device) if residual else None,
-                gated=gated, norm_weight=torch.ones(K, device=device, dtype=dtype) if norm else None)
+    stacked = rows if isinstance(rows, tuple) else (rows,)
+    total = sum(stacked)
+    copies = max(2, math.ceil(3 * torch.cuda.get_device_properties(device).L2_cache_size / (total * K * 2)))
+    weights = [[torch.randn(n, K, device=device, dtype=dtype) / K**0.5 for n in stacked] for _ in range(copies)]
+    out_features = total // 2 if epilogue & {"gated", "conv"} else total
+    kwargs = dict(x=torch.randn(1, 1, K, device=device, dtype=torch.float32 if "norm" in epilogue else dtype))
+    if "norm" in epilogue:
+        kwargs["norm_weight"] = torch.ones(K, device=device, dtype=dtype)
+    if "bias" in epilogue:
+        kwargs["bias"] = torch.randn(total, device=device, dtype=dtype)
+    if "gated" in epilogue:
+        kwargs["gated"] = True
+    if "conv" in epilogue:
+        kwargs["conv_state"] = torch.zeros(1, out_features, 3, device=device)
+        kwargs["conv_weight"] = torch.randn(out_features, 3, device=device, dtype=dtype)
+    if "residual" in epilogue:
+        kwargs["residual"] = torch.randn(1, 1, out_features, device=device)
+    return weights, kwargs
 
 
-def time_projection(inputs: dict, backend: str) -> float:
-    """ms per call with the weight cold in L2: one graph calls `linear` once on each copy."""
-    weights, x = inputs["weights"], inputs["x"]
+def time_projection(weights: list, kwargs: dict, backend: str) -> float:
+    """ms per call with the weights cold in L2: one graph calls the op once on each copy."""
 
     def run():
-        for w in weights:
-            linear(x, w, inputs["bias"], residual=inputs["residual"], gated=inputs["gated"],
-                   norm_weight=inputs["norm_weight"], backend=backend)
+        for copy in weights:
+            if len(copy) > 1:
+                stacked_linear(weights=copy, backend=backend, **kwargs)
+            else:
+                linear(weight=copy[0], backend=backend, **kwargs)
 
     return graph_ms(run) / len(weights)
 
@@ -77,16 +91,17 @@ def main(argv=None) -> int:
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; bf16, x one row")
     table = []
-    for name, rows, K, bias, gated, residual, norm in SHAPES:
-        floor_us = 1e6 * rows * K * 2 / bandwidth
-        inputs = projection_inputs(rows, K, bias, gated, residual, norm)  # shared by cuBLAS and every config
-        cublas = 1e3 * time_projection(inputs, "torch")
+    for name, rows, K, epilogue in SHAPES:
+        floor_us = 1e6 * sum(rows if isinstance(rows, tuple) else (rows,)) * K * 2 / bandwidth
+        weights, kwargs = projection_inputs(rows, K, epilogue)  # shared by cuBLAS and every config
+        cublas = 1e3 * time_projection(weights, kwargs, "torch")
         configs = SWEEP if args.sweep else [None]
         for config in configs:
             if config is not None:
                 triton_gemv.TALL = triton_gemv.SHORT = config
-            ours = 1e3 * time_projection(inputs, "triton")
-            table.append({"projection": name, "rows x K": f"{rows} x {K}", "config": config or "default",
+            ours = 1e3 * time_projection(weights, kwargs, "triton")
+            shape = f"{'+'.join(map(str, rows)) if isinstance(rows, tuple) else rows} x {K}"
+            table.append({"projection": name, "rows x K": shape, "config": config or "default",
                           "copy-floor us": f"{floor_us:.2f}", "cuBLAS (+ norm, epilogue ops) us": f"{cublas:.2f}",
                           "Triton us": f"{ours:.2f}", "Triton % of copy": f"{100 * floor_us / ours:.0f}",
                           "cuBLAS / Triton": f"{cublas / ours:.2f}"})

@@ -4,21 +4,26 @@ A batch-1 decode step is a chain of matrix-vector products, so it is bound by re
 program owns BN output rows. It loads the first PRE columns of its rows in one tile, and the first BK-column
 tile of the rest, then reduces `w * x` over K (the rest in BK tiles, the next one loaded before the current one
 is used). The pre-norm (`rms_norm(x)`: each program reduces the whole row of x itself, so the norm needs no
-launch of its own), the gate (`value * silu(gate)`, the value and gate rows read by the same program), bias and
-residual add happen in registers, so they cost no extra launch and no rounding in between.
+launch of its own), the gate (`value * silu(gate)`, the value and gate rows read by the same program) or
+BaseConv's conv gate (`silu(conv_step(u1)) * u2`, the program owning channel c advancing its conv state), bias
+and residual add happen in registers, so they cost no extra launch and no rounding in between. A stacked
+launch runs over the rows of up to three weights in turn (a layer's separate q, k and v).
 
 Inside a captured decode graph on Hopper the kernel is chained to the previous one (`_backend.chain_options`):
 it loads its weight tiles before waiting for the kernel that produces x, so the weight stream does not stop at
 kernel boundaries. Weights must therefore not be written earlier in the same graph.
 
 Launch shapes chosen on an H200 by the whole Based-1.3B batch-1 step replayed from a graph (the GEMVs are
-chained there, so the best shape of a lone GEMV is not the best in the chain). Short matrices (the 1792- and
-256-row projections): one row per program, whole rows (K <= 4096) loaded before the wait, 2 warps. Tall ones
-(7168 and 5376 rows, the 50264-row lm_head): 16 rows x 256 columns per tile, 8 warps; loading their whole rows
-too was 15-30% slower per step (a 7168 x 1792 matrix fills three quarters of the register file, so its programs
-cannot all be resident while the kernel before them runs), as was splitting them into two launches of half
-the rows. Step times (one run each, norms still separate): 1.576 ms unchained, 1.398 ms chained, 1.247 ms
-with tuned shapes of the two-tile kernel; with norms fused and whole short rows preloaded: 1.152 ms.
+chained there, so the best shape of a lone GEMV is not the best in the chain). Short matrices (the 1792-row
+projections, linear attention's stacked q, k, v): two rows per program, whole rows (K <= 4096) loaded before
+the wait, 2 warps. Tall ones (7168 and 5376 rows, the 50264-row lm_head): 16 rows x 256 columns per tile, 8
+warps. Rejected in that step (H200): whole rows for tall matrices too (15-30% slower: a 7168 x 1792 matrix fills
+three quarters of the register file, so its programs cannot all be resident while the kernel before them
+runs), splitting a tall GEMV into two launches of half the rows (25-55% slower), 512- or 1024-column loop
+tiles, a row sum per tile instead of a 2D accumulator, or a third tile in flight (5-40% slower each).
+Step times, one run each: 1.576 ms unchained, 1.398 ms chained, 1.247 ms with tuned two-tile shapes; 1.152 ms
+with the norms fused and short rows preloaded; 1.130 ms with the conv gate; 1.073 ms with one stacked launch
+for q, k, v (and the sliding-window position shared); 1.045 ms with two rows per short program.
 
 Inference only: `linear` uses the reference whenever a gradient is needed.
 """
@@ -37,9 +42,10 @@ from based.ops._triton import let_next_kernel_start, wait_for_previous_kernel
 # (rows per program, columns loaded before the wait, K per later iteration, warps); a gated program takes half
 # the rows of each half. A short matrix's programs load their whole rows (K <= 4096) before waiting. A tall
 # one's do not fit in registers at once (a whole 7168 x 1792 matrix is three quarters of an H200's register
-# file), so they load two 256-column tiles and stream the rest.
+# file), so they load two 256-column tiles and stream the rest. "Short" and "tall" go by all the rows of the
+# launch (q, k and v of a stacked launch together).
 TALL = (16, 256, 256, 8)
-SHORT = (1, 4096, 512, 2)
+SHORT = (2, 4096, 512, 2)
 TALL_ROWS = 4096
 INTERPRETER = (4, 16, 32)
 # Columns of x read at once for the norm's sum of squares (fewer than K: a loop).
