@@ -2,7 +2,8 @@
 
 The layers keep `nn.Linear` modules (their parameter names are the checkpoints'), but call them through the
 op so that a batch-1 decode step on a GPU runs the Triton matrix-vector kernel, with the pre-norm, the SwiGLU
-gate or the residual add fused where the caller asks for it; everything else takes the cuBLAS reference path.
+or conv gate or the residual add fused where the caller asks for it (and several bias-free projections of one
+input in one launch); everything else takes the cuBLAS reference path.
 """
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ from based.ops import linear, stacked_linear
 def project(layer: nn.Linear, x: torch.Tensor, *, norm: RMSNorm | None = None, **epilogue) -> torch.Tensor:
     """`layer(norm(x))` (`layer(x)` without a norm), then what `based.ops.linear` fuses after the product
     (`epilogue`: `gated`, `conv_state` and `conv_weight`, `residual`)."""
-    if norm is not None:
-        epilogue.update(norm_weight=norm.weight, norm_eps=norm.eps)
-    return linear(x, layer.weight, layer.bias, **epilogue)
+    return linear(x, layer.weight, layer.bias, **_norm_arguments(norm), **epilogue)
 
 
 def project_stacked(layers: list[nn.Linear], x: torch.Tensor, *, norm: RMSNorm | None = None) -> tuple[torch.Tensor, ...]:
     """`tuple(project(layer, x, norm=norm) for layer in layers)` for bias-free layers (a layer's q, k and v):
     one matrix-vector launch for all of them when decoding one token on a GPU, one norm otherwise."""
-    if norm is None:
-        return stacked_linear(x, [layer.weight for layer in layers])
-    return stacked_linear(x, [layer.weight for layer in layers], norm_weight=norm.weight, norm_eps=norm.eps)
+    return stacked_linear(x, [layer.weight for layer in layers], **_norm_arguments(norm))
+
+
+def _norm_arguments(norm: RMSNorm | None) -> dict:
+    return {} if norm is None else dict(norm_weight=norm.weight, norm_eps=norm.eps)

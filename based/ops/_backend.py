@@ -51,7 +51,7 @@ def chained_launch(device: torch.device) -> bool:
     """Whether to launch a decode kernel with programmatic dependent launch (PDL): on Hopper and newer, while a
     CUDA graph is being captured. A chained kernel may start while the kernel before it finishes; it lets the
     next kernel start too and waits for the previous one before touching any activation or cache (the GEMV
-    reads its first weight tile before waiting: weights must not be written inside the same graph). Eager
+    reads its weight tiles before waiting: weights must not be written inside the same graph). Eager
     decoding is bound by host launches, where chaining buys nothing, so it stays off there."""
     return (device.type == "cuda" and torch.cuda.is_current_stream_capturing()
             and torch.cuda.get_device_capability(device)[0] >= 9)

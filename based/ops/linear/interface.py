@@ -47,7 +47,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         rounding once.
 
     While a CUDA graph is captured on Hopper or newer, the Triton kernel is chained to the kernel before it
-    (programmatic dependent launch) and reads its first weight tile before that kernel ends: a weight written
+    (programmatic dependent launch) and reads its weight tiles before that kernel ends: a weight written
     earlier in the same graph would be read stale. Write weights between replays.
     """
     _check_input(x, weight, norm_weight, norm_eps)
