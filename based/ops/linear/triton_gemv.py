@@ -161,9 +161,8 @@ def _gemv_op(x: Tensor, norm_weight: Optional[Tensor], norm_eps: float, weight: 
     (`[1, N, KS]`) and `conv_weight` (`[N, KS]`), for BaseConv's conv gate. `chain`: may the kernel be chained
     (`chain_options`), i.e. read weights before the previous kernel ends."""
     K = x.shape[-1]
-    N = weight.shape[0] // 2 if gated else weight.shape[0] + sum(w.shape[0] for w in more_weights)
+    N, out_dtype = _output_size_and_dtype(weight, more_weights, residual, gated)
     x_row = x.reshape(K)
-    out_dtype = weight.dtype if residual is None else torch.promote_types(residual.dtype, weight.dtype)
     y = torch.empty(*x.shape[:-1], N, device=x.device, dtype=out_dtype)
     NB = min(NORM_BLOCK, triton.next_power_of_2(K))
     if x.device.type != "cuda":
@@ -191,29 +190,36 @@ def _gemv_op(x: Tensor, norm_weight: Optional[Tensor], norm_eps: float, weight: 
 
 @_gemv_op.register_fake
 def _(x, norm_weight, norm_eps, weight, more_weights, bias, residual, gated, conv_state, conv_weight, chain):
-    N = weight.shape[0] // 2 if gated else weight.shape[0] + sum(w.shape[0] for w in more_weights)
-    out_dtype = weight.dtype if residual is None else torch.promote_types(residual.dtype, weight.dtype)
+    N, out_dtype = _output_size_and_dtype(weight, more_weights, residual, gated)
     return x.new_empty(*x.shape[:-1], N, dtype=out_dtype)
+
+
+def _output_size_and_dtype(weight, more_weights, residual, gated: bool) -> tuple[int, torch.dtype]:
+    N = weight.shape[0] // 2 if gated else weight.shape[0] + sum(w.shape[0] for w in more_weights)
+    return N, weight.dtype if residual is None else torch.promote_types(residual.dtype, weight.dtype)
+
+
+def _kernel_inputs(x, weights) -> tuple[list, bool]:
+    """(weights with unit stride along their rows, whether the launch may be chained). A copy is written by a
+    kernel just before the GEMV, so that GEMV must not read it early: it is not chained."""
+    if x.numel() != x.shape[-1]:
+        raise ValueError(f"the Triton linear kernel takes one row (x.numel() == in_features, a batch-1 decode "
+                         f"step), got x of shape {tuple(x.shape)}; use backend='torch'")
+    if all(w.stride(-1) == 1 for w in weights):
+        return list(weights), True
+    return [w.contiguous() for w in weights], False
 
 
 def linear_triton(x, weight, bias, residual, gated: bool, norm_weight, norm_eps: float, conv_state, conv_weight):
     """Same contract as `reference.linear_torch` for a single row of x (x.numel() == in_features)."""
-    if x.numel() != x.shape[-1]:
-        raise ValueError(f"the Triton linear kernel takes one row (x.numel() == in_features, a batch-1 decode "
-                         f"step), got x of shape {tuple(x.shape)}; use backend='torch'")
-    # A copy is written by the kernel just before the GEMV, so that GEMV must not read it early (unchained).
-    copied = weight.stride(-1) != 1
-    return _gemv_op(x, norm_weight, norm_eps, weight.contiguous() if copied else weight, [], bias, residual,
-                    gated or conv_state is not None, conv_state, conv_weight, not copied)
+    (weight,), chain = _kernel_inputs(x, [weight])
+    return _gemv_op(x, norm_weight, norm_eps, weight, [], bias, residual, gated or conv_state is not None,
+                    conv_state, conv_weight, chain)
 
 
 def stacked_linear_triton(x, weights, norm_weight, norm_eps: float):
     """Same contract as `reference.stacked_linear_torch` for a single row of x and up to three weights, in one
     launch."""
-    if x.numel() != x.shape[-1]:
-        raise ValueError(f"the Triton linear kernel takes one row (x.numel() == in_features, a batch-1 decode "
-                         f"step), got x of shape {tuple(x.shape)}; use backend='torch'")
-    copied = any(w.stride(-1) != 1 for w in weights)
-    first, *rest = (w.contiguous() for w in weights) if copied else weights
-    y = _gemv_op(x, norm_weight, norm_eps, first, rest, None, None, False, None, None, not copied)
+    (first, *rest), chain = _kernel_inputs(x, weights)
+    y = _gemv_op(x, norm_weight, norm_eps, first, rest, None, None, False, None, None, chain)
     return y.split([w.shape[0] for w in weights], dim=-1)
