@@ -74,7 +74,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         check_shape("residual", residual, (*x.shape[:-1], out_features))
     check_same_device(x=x, weight=weight, bias=bias, residual=residual, norm_weight=norm_weight,
                       conv_state=conv_state, conv_weight=conv_weight)
-    if backend == "auto" and not _kernel_supports(x, weight, bias, residual, norm_weight, conv_state):
+    if backend == "auto" and not _kernel_supports(x, weight, bias, residual, norm_weight, conv_state, conv_weight):
         backend = "torch"
     impl = resolve_backend("linear", backend, x.device, _implementations())
     return impl(x, weight, bias, residual, gated, norm_weight, float(norm_eps), conv_state, conv_weight)
@@ -104,7 +104,7 @@ def stacked_linear(x: torch.Tensor, weights, *, norm_weight: torch.Tensor | None
         if weight.dtype != weights[0].dtype:
             raise TypeError(f"weights must share a dtype, got {weights[0].dtype} and {weight.dtype}")
     check_same_device(x=x, norm_weight=norm_weight, **{f"weights[{i}]": w for i, w in enumerate(weights)})
-    if backend == "auto" and not all(_kernel_supports(x, w, None, None, norm_weight, None) for w in weights):
+    if backend == "auto" and not all(_kernel_supports(x, w, None, None, norm_weight, None, None) for w in weights):
         backend = "torch"
     impl = resolve_backend("stacked_linear", backend, x.device, _implementations(stacked=True))
     return impl(x, tuple(weights), norm_weight, float(norm_eps))
@@ -132,8 +132,8 @@ def _check_vector_like_weight(name: str, tensor: torch.Tensor, size: int, dtype:
         raise TypeError(f"{name} must have weight's dtype {dtype}, got {tensor.dtype}")
 
 
-def _kernel_supports(x, weight, bias, residual, norm_weight, conv_state) -> bool:
-    return (not grad_needed(x, weight, bias, residual, norm_weight) and x.numel() == x.shape[-1] > 0
+def _kernel_supports(x, weight, bias, residual, norm_weight, conv_state, conv_weight) -> bool:
+    return (not grad_needed(x, weight, bias, residual, norm_weight, conv_weight) and x.numel() == x.shape[-1] > 0
             and (conv_state is None or conv_state.dtype in KERNEL_DTYPES)
             and weight.shape[0] > 0 and x.dtype in KERNEL_DTYPES and weight.dtype in KERNEL_DTYPES
             and (residual is None or residual.dtype in KERNEL_DTYPES))
