@@ -1,11 +1,12 @@
-"""The fused linear op in plain PyTorch: RMSNorm, cuBLAS matmul, then the gate and the residual add as separate ops."""
+"""The fused linear op in plain PyTorch: RMSNorm, cuBLAS matmul, then the gate and the residual add as separate ops.
+A reference calls only references, so `backend="torch"` never launches a Triton or CUDA kernel."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from based.ops.rms_norm import rms_norm
-from based.ops.short_conv import gated_conv1d_step
+from based.ops.rms_norm.reference import rms_norm_torch
+from based.ops.short_conv.reference import gated_conv1d_step_torch
 
 
 def linear_torch(x, weight, bias, residual, gated: bool, norm_weight=None, norm_eps: float = 1e-5, conv_state=None,
@@ -15,12 +16,13 @@ def linear_torch(x, weight, bias, residual, gated: bool, norm_weight=None, norm_
     `gated_conv1d_step(value, gate, conv_state, conv_weight)`; then `residual + y` in the residual's dtype when a
     residual is given."""
     if norm_weight is not None:
-        x = rms_norm(x, norm_weight, norm_eps)
+        x = rms_norm_torch(x, norm_weight, norm_eps, None)[0]
     y = F.linear(x, weight, bias)
     if conv_state is not None:
         value, gate = y.chunk(2, dim=-1)
         rows = conv_state.shape[0], value.shape[-1]
-        y = gated_conv1d_step(value.reshape(rows), gate.reshape(rows), conv_state, conv_weight).view(value.shape)
+        y = gated_conv1d_step_torch(value.reshape(rows), gate.reshape(rows), conv_state, conv_weight,
+                                    None).view(value.shape)
     elif gated:
         value, gate = y.chunk(2, dim=-1)
         y = value * F.silu(gate)
@@ -32,5 +34,5 @@ def linear_torch(x, weight, bias, residual, gated: bool, norm_weight=None, norm_
 def stacked_linear_torch(x, weights, norm_weight=None, norm_eps: float = 1e-5):
     """`tuple(x @ w.T for w in weights)`, x first replaced by `rms_norm(x, norm_weight, norm_eps)` (once)."""
     if norm_weight is not None:
-        x = rms_norm(x, norm_weight, norm_eps)
+        x = rms_norm_torch(x, norm_weight, norm_eps, None)[0]
     return tuple(F.linear(x, w) for w in weights)

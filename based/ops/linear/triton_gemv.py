@@ -37,6 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from based.ops._backend import chain_options
+from based.ops._layout import unit_stride
 from based.ops._triton import let_next_kernel_start, wait_for_previous_kernel
 
 # (rows per program, columns loaded before the wait, K per later iteration, warps); a gated program takes half
@@ -162,7 +163,9 @@ def _gemv_op(x: Tensor, norm_weight: Optional[Tensor], norm_eps: float, weight: 
     (`chain_options`), i.e. read weights before the previous kernel ends."""
     K = x.shape[-1]
     N, out_dtype = _output_size_and_dtype(weight, more_weights, residual, gated)
-    x_row = x.reshape(K)
+    # The kernel reads x, the norm weight, bias and residual as dense vectors.
+    x_row, norm_weight, bias = unit_stride(x).reshape(K), unit_stride(norm_weight), unit_stride(bias)
+    residual = None if residual is None else unit_stride(residual).reshape(N)
     y = torch.empty(*x.shape[:-1], N, device=x.device, dtype=out_dtype)
     NB = min(NORM_BLOCK, triton.next_power_of_2(K))
     if x.device.type != "cuda":
@@ -179,7 +182,7 @@ def _gemv_op(x: Tensor, norm_weight: Optional[Tensor], norm_eps: float, weight: 
     w1, w2 = (more_weights * 2)[:2] if more_weights else (weight, weight)  # w2 is never read with one more
     _gemv_kernel[(triton.cdiv(N, BN),)](
         x_row, norm_weight if norm_weight is not None else x_row, weight, w1, w2, bias if bias is not None else x_row,
-        residual.reshape(N) if residual is not None else y, y, state, taps, N, weight.shape[0], w1.shape[0], K,
+        residual if residual is not None else y, y, state, taps, N, weight.shape[0], w1.shape[0], K,
         weight.stride(0), w1.stride(0), w2.stride(0), norm_eps, taps.shape[1], *state.stride(), *taps.stride(),
         BN=BN, PRE=PRE, BK=BK, NB=NB, NORM=norm_weight is not None, STACKED=bool(more_weights), GATED=gated,
         CONV=conv, BKS=triton.next_power_of_2(taps.shape[1]),

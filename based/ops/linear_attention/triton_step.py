@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from based.ops._backend import decode_launch
+from based.ops._layout import require_unit_stride, unit_stride
 from based.ops._triton import let_next_kernel_start, wait_for_previous_kernel
 from based.ops._validate import check_kernel_dtype
 from based.ops.feature_map.reference import second_order_index
@@ -97,8 +98,8 @@ def _step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor
              normalize: bool, eps: float) -> torch.Tensor:
     B, H, d = q.shape
     DV = v.shape[-1]
-    # The kernel addresses the feature dim of q, k and the value dim of v, o and kv with unit stride.
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    # The kernel addresses the feature dim of q, k, ksum and the value dim of v, o and kv with unit stride.
+    q, k, v = (unit_stride(x) for x in (q, k, v))
     o = torch.empty(B, H, DV, device=q.device, dtype=v.dtype)
     pair_a, pair_b, pair_c = feature_pairs(d, q.device)
     BF, launch = decode_launch(q.device, B * H, FEW_PROGRAMS, MANY_PROGRAMS, INTERPRETER_FEATURES)
@@ -119,7 +120,9 @@ def linear_attention_step_triton(q, k, v, state, normalize: bool, eps: float):
     """Same contract as `reference.linear_attention_step_torch`, in one Triton launch; the state must be
     fp32 with unit stride along its value dim (as `LinearAttentionState.zeros` makes it)."""
     check_kernel_dtype(q.dtype, "the Triton linear-attention step kernels take")
-    if state.kv.dtype != torch.float32 or state.kv.stride(-1) != 1:
-        raise ValueError("the Triton linear-attention step needs an fp32 state with unit stride along the value "
-                         f"dim, got kv {state.kv.dtype} with strides {state.kv.stride()}; use backend='torch'")
+    if state.kv.dtype != torch.float32:
+        raise TypeError(f"the Triton linear-attention step needs an fp32 state, got state.kv {state.kv.dtype}; "
+                        "use backend='torch'")
+    for name, x in (("state.kv", state.kv), ("state.ksum", state.ksum)):
+        require_unit_stride(name, x, "the Triton linear-attention step")
     return _step_op(q, k, v, state.kv, state.ksum, normalize, eps)

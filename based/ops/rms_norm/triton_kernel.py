@@ -14,6 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from based.ops._backend import chain_options
+from based.ops._layout import unit_stride
 from based.ops._triton import let_next_kernel_start, wait_for_previous_kernel
 
 
@@ -38,8 +39,10 @@ def _rms_norm_kernel(x, residual, weight, y, s, D, eps, stride_x, stride_r, stri
 def _rms_norm_op(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
     """(y, s) as `reference.rms_norm_torch`; s is empty without a residual (the caller keeps x)."""
     D = x.shape[-1]
-    rows = x.reshape(-1, D)  # a view for the layers' contiguous activations, else a copy with unit stride
-    res = residual.reshape(-1, D) if residual is not None else rows
+    # Rows are addressed through their stride, the values inside a row as dense (reshape keeps that: it copies
+    # only when the rows cannot be a view).
+    rows, weight = unit_stride(x).reshape(-1, D), unit_stride(weight)
+    res = unit_stride(residual).reshape(-1, D) if residual is not None else rows
     y = torch.empty(x.shape, device=x.device, dtype=weight.dtype)
     s = torch.empty(x.shape if residual is not None else (0, D), device=x.device, dtype=torch.float32)
     y_rows, s_rows = y.view(-1, D), s.view(-1, D)

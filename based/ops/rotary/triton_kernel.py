@@ -11,6 +11,7 @@ import triton.language as tl
 from torch import Tensor
 
 from based.ops._backend import chain_options
+from based.ops._layout import unit_stride
 from based.ops._triton import let_next_kernel_start, wait_for_previous_kernel
 from based.ops.rotary.reference import inverse_frequencies
 
@@ -47,7 +48,8 @@ def _rotary_kernel(x, positions, inv_freq, out, T, H,
 @torch.library.custom_op("based::apply_rotary", mutates_args=())
 def _rotary_op(x: Tensor, positions: Tensor, base: float) -> Tensor:
     B, T, H, D = x.shape
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    # Channels and positions are read as dense vectors; the token and head strides are arguments.
+    x, positions = unit_stride(x), unit_stride(positions)
     out = torch.empty(B, T, H, D, device=x.device, dtype=x.dtype)
     if out.numel():
         _rotary_kernel[(B * T,)](

@@ -1,0 +1,281 @@
+"""Every public op, one registry (`CASES`), two rules.
+
+First: each gives the contiguous answer on strided, sliced, offset and transposed views of every tensor argument, on every backend that runs here (the reference, Triton in the interpreter on CPU or compiled on a GPU,
+the CUDA extension on a GPU), forward and, for differentiable ops, backward with a strided output gradient.
+
+An argument an op updates in place (a decode state or cache) cannot be copied behind the caller's back: a kernel
+that needs another layout must refuse it with a ValueError naming it; "auto" must take a path that works.
+
+Second: `backend="torch"` runs PyTorch alone. A new public op joins by adding one `Case` to `CASES` (a test fails for
+an op missing from the list).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable
+
+import pytest
+import torch
+
+import based.ops
+from based.ops import LinearAttentionState, WindowCache
+from based.ops._backend import cuda_extension_available, triton_available
+from tests.helpers import rel_err
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_backends(*names: str) -> list[str]:
+    """The backends among `names` that can run here, "torch" and (on a GPU) "auto" always."""
+    runnable = ["torch"] + (["auto"] if GPU else [])
+    if "triton" in names and triton_available() and (GPU or INTERPRETED):
+        runnable.append("triton")
+    if "cuda" in names and GPU and cuda_extension_available():
+        runnable.append("cuda")
+    return runnable
+
+
+@dataclasses.dataclass
+class Case:
+    """`make(gen)` -> the op's tensor arguments by name (contiguous); `run(backend, **tensors)` -> its
+    outputs (a tensor or a tuple); `in_place`: arguments the op updates; `grad`: arguments to differentiate."""
+
+    op: str
+    make: Callable[[torch.Generator], dict]
+    run: Callable[..., object]
+    backends: list[str]
+    in_place: tuple[str, ...] = ()
+    grad: tuple[str, ...] = ()
+    kernels_differentiable: bool = False  # else only "torch" and "auto" are differentiated
+
+    def differentiates(self, backend: str) -> tuple[str, ...]:
+        return self.grad if backend in ("torch", "auto") or self.kernels_differentiable else ()
+
+
+def randn(gen, *shape, scale=1.0):
+    return torch.randn(*shape, generator=gen).to(DEVICE) * scale
+
+
+def la_inputs(gen, seq=True):
+    B, T, H, d, dv = 2, 5, 3, 4, 6
+    lead = (B, T, H) if seq else (B, H)
+    return dict(q=randn(gen, *lead, d, scale=0.5), k=randn(gen, *lead, d, scale=0.5), v=randn(gen, *lead, dv),
+                kv=randn(gen, B, H, 15, dv), ksum=randn(gen, B, H, 15).abs() + 1)
+
+
+def la_run(backend, q, k, v, kv, ksum):
+    o, state = based.ops.linear_attention(q, k, v, initial_state=LinearAttentionState(kv, ksum), return_state=True,
+                                          backend=backend)
+    return o, state.kv, state.ksum
+
+
+def la_step_run(backend, q, k, v, kv, ksum):
+    return based.ops.linear_attention_step(q, k, v, LinearAttentionState(kv, ksum), backend=backend)
+
+
+def swa_inputs(gen, seq=True):
+    B, T, H, Hkv, D, W = 2, 7, 4, 2, 8, 3
+    lead = (B, T) if seq else (B,)
+    out = dict(q=randn(gen, *lead, H, D), k=randn(gen, *lead, Hkv, D), v=randn(gen, *lead, Hkv, D))
+    if not seq:
+        out.update(cache_k=randn(gen, B, W, Hkv, D), cache_v=randn(gen, B, W, Hkv, D))
+    return out
+
+
+def swa_step_run(backend, q, k, v, cache_k, cache_v):
+    return based.ops.sliding_window_attention_step(q, k, v, WindowCache(cache_k, cache_v), 4, backend=backend)
+
+
+def cache_write_run(backend, k, v, cache_k, cache_v):
+    based.ops.window_cache_write(WindowCache(cache_k, cache_v), k, v, 2)
+    return ()
+
+
+def cache_read_run(backend, cache_k, cache_v):
+    return based.ops.window_cache_read(WindowCache(cache_k, cache_v), 2)
+
+
+def conv_inputs(gen, step=False):
+    B, T, D, K = 2, 6, 5, 3
+    out = dict(x=randn(gen, B, D) if step else randn(gen, B, T, D), weight=randn(gen, D, K), bias=randn(gen, D),
+               state=randn(gen, B, D, K))
+    if step:
+        out["gate"] = randn(gen, B, D)
+    return out
+
+
+def linear_inputs(gen):
+    K, N = 12, 6
+    return dict(x=randn(gen, 1, 1, K), weight=randn(gen, 2 * N, K, scale=K**-0.5), bias=randn(gen, 2 * N),
+                residual=randn(gen, 1, 1, N), norm_weight=1 + randn(gen, K).abs())
+
+
+CASES = [
+    Case("taylor_feature_map", lambda g: dict(x=randn(g, 3, 4, 5)),
+         lambda b, x: based.ops.taylor_feature_map(x, backend=b), kernel_backends("cuda"), grad=("x",)),
+    Case("linear_attention", la_inputs, la_run, kernel_backends("triton"), grad=("q", "k", "v", "kv", "ksum"),
+         kernels_differentiable=True),
+    Case("linear_attention_step", lambda g: la_inputs(g, seq=False), la_step_run,
+         kernel_backends("triton", "cuda"), in_place=("kv", "ksum")),
+    Case("sliding_window_attention", swa_inputs,
+         lambda b, q, k, v: based.ops.sliding_window_attention(q, k, v, window=3, backend=b),
+         kernel_backends("triton"), grad=("q", "k", "v"), kernels_differentiable=True),
+    Case("sliding_window_attention_step", lambda g: swa_inputs(g, seq=False), swa_step_run,
+         kernel_backends("triton"), in_place=("cache_k", "cache_v")),
+    Case("window_cache_write", lambda g: {n: t for n, t in swa_inputs(g, seq=False).items() if n != "q"}
+         | dict(k=randn(g, 2, 2, 2, 8), v=randn(g, 2, 2, 2, 8)), cache_write_run, ["torch"],
+         in_place=("cache_k", "cache_v")),
+    Case("window_cache_read", lambda g: {n: t for n, t in swa_inputs(g, seq=False).items() if n.startswith("cache")},
+         cache_read_run, ["torch"]),
+    Case("linear", linear_inputs,
+         lambda b, x, weight, bias, residual, norm_weight: based.ops.linear(
+             x, weight, bias, residual=residual, gated=True, norm_weight=norm_weight, backend=b),
+         kernel_backends("triton")),
+    Case("stacked_linear", lambda g: dict(x=randn(g, 1, 1, 12), w0=randn(g, 5, 12), w1=randn(g, 3, 12),
+                                          norm_weight=1 + randn(g, 12).abs()),
+         lambda b, x, w0, w1, norm_weight: based.ops.stacked_linear(x, [w0, w1], norm_weight=norm_weight, backend=b),
+         kernel_backends("triton")),
+    Case("rms_norm", lambda g: dict(x=randn(g, 2, 3, 10), weight=randn(g, 10), residual=randn(g, 2, 3, 10)),
+         lambda b, x, weight, residual: based.ops.rms_norm(x, weight, residual=residual, backend=b),
+         kernel_backends("triton"), grad=("x", "weight", "residual")),
+    Case("apply_rotary", lambda g: dict(x=randn(g, 2, 3, 4, 8),
+                                        positions=torch.tensor([3, 7, 11], device=DEVICE)),
+         lambda b, x, positions: based.ops.apply_rotary(x, positions, backend=b), kernel_backends("triton"),
+         grad=("x",)),
+    Case("causal_conv1d", conv_inputs,
+         lambda b, x, weight, bias, state: based.ops.causal_conv1d(x, weight, bias, initial_state=state,
+                                                                   return_state=True, backend=b),
+         kernel_backends(), grad=("x", "weight", "bias", "state")),
+    Case("causal_conv1d_step", lambda g: {n: t for n, t in conv_inputs(g, step=True).items() if n != "gate"},
+         lambda b, x, weight, bias, state: based.ops.causal_conv1d_step(x, state, weight, bias, backend=b),
+         kernel_backends("triton"), in_place=("state",)),
+    Case("gated_conv1d_step", lambda g: conv_inputs(g, step=True),
+         lambda b, x, weight, bias, state, gate: based.ops.gated_conv1d_step(x, gate, state, weight, bias, backend=b),
+         kernel_backends("triton"), in_place=("state",)),
+]
+
+
+def test_every_public_op_has_a_case():
+    public = {name for name in based.ops.__all__ if callable(getattr(based.ops, name))
+              and not isinstance(getattr(based.ops, name), type)} - {"feature_dim_of"}
+    assert public == {case.op for case in CASES}
+
+
+def poison(x: torch.Tensor):
+    """What fills the gaps between a view's elements: NaN, or for integers a value no position takes."""
+    return float("nan") if x.is_floating_point() else -(2**31)
+
+
+def relayout(x: torch.Tensor, how: str) -> torch.Tensor:
+    """The same values as `x` in another memory layout: a view, never contiguous where `x` has room for that."""
+    if how == "sliced":  # every other element of a wider buffer: stride 2 along the last dim
+        wide = torch.full((*x.shape[:-1], 2 * x.shape[-1]), poison(x), dtype=x.dtype, device=x.device)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    if how == "offset":  # a slice that starts inside its storage, rows further apart than their length
+        if x.dim() == 1:
+            return torch.cat([x[:1], x])[1:]
+        big = torch.full((x.shape[0] + 1, *x.shape[1:-1], x.shape[-1] + 3), poison(x), dtype=x.dtype,
+                         device=x.device)
+        big[1:, ..., :x.shape[-1]] = x
+        return big[1:, ..., :x.shape[-1]]
+    if how == "transposed":  # the last two dims swapped in memory
+        if x.dim() < 2:
+            return relayout(x, "sliced")
+        return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    raise ValueError(how)
+
+
+def outputs_of(result) -> list[torch.Tensor]:
+    return [result] if isinstance(result, torch.Tensor) else [t for t in result if isinstance(t, torch.Tensor)]
+
+
+# How the ops name the arguments that the cases split into separate tensors.
+PUBLIC_NAME = {"kv": "state.kv", "ksum": "state.ksum", "cache_k": "cache.k", "cache_v": "cache.v",
+               "state": "state"}
+
+
+def run_case(case: Case, backend: str, tensors: dict, grad_out: list):
+    """(outputs, in-place arguments after the call, gradients of `case.grad`); every argument is a fresh copy,
+    laid out as in `tensors`."""
+    wrt = case.differentiates(backend)
+    leaves = {n: t.detach().requires_grad_(n in wrt) for n, t in tensors.items()}
+    outs = outputs_of(case.run(backend, **leaves))
+    grads = []
+    used = [(o, g) for o, g in zip(outs, grad_out) if o.requires_grad]
+    if used:
+        torch.autograd.backward([o for o, _ in used], [g for _, g in used])
+        grads = [leaves[n].grad for n in wrt]
+    return [o.detach() for o in outs], [leaves[n].detach() for n in case.in_place], grads
+
+
+@pytest.mark.parametrize("how", ["sliced", "offset", "transposed"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.op)
+def test_strided_views_give_the_contiguous_result(case, how):
+    gen = torch.Generator().manual_seed(0)
+    tensors = case.make(gen)
+
+    def laid_out(name=None):
+        return {n: relayout(t, how) if n == name else t.clone() for n, t in tensors.items()}
+
+    for backend in case.backends:
+        shapes = [o.shape for o in outputs_of(case.run(backend, **laid_out()))]
+        grad_out = [randn(gen, *shape) for shape in shapes]
+        want = run_case(case, backend, laid_out(), grad_out)
+        for name, tensor in tensors.items():
+            if tensor.numel() <= 1:
+                continue
+            try:
+                got = run_case(case, backend, laid_out(name), [relayout(g, how) for g in grad_out])
+            except ValueError as err:
+                # Only an argument updated in place may be refused, by a forced kernel, and by name.
+                assert name in case.in_place and backend not in ("torch", "auto"), f"{case.op}[{backend}] {name}: {err}"
+                assert PUBLIC_NAME[name] in str(err), f"the error does not name {PUBLIC_NAME[name]}: {err}"
+                continue
+            for part, want_list, got_list in zip(("output", "in-place argument", "gradient"), want, got):
+                assert len(want_list) == len(got_list)
+                for i, (w, g) in enumerate(zip(want_list, got_list)):
+                    assert w.shape == g.shape
+                    err = rel_err(g, w)
+                    assert err < 1e-5, f"{case.op}[{backend}], {how} {name}: {part} {i} relative error {err:.2e}"
+
+
+@pytest.fixture
+def auto_picks_kernels(monkeypatch):
+    """"auto" choosing kernels as it does on a GPU, here too where the interpreter runs them: a reference that
+    dispatched through "auto" would then reach a kernel on CPU as well."""
+    from based.ops import _backend
+
+    def as_on_gpu(device, implementations, auto_order=("cuda", "triton")):
+        usable = [n for n in auto_order if n in implementations and _backend._supported(n, device)]
+        return usable[0] if usable else "torch"
+
+    monkeypatch.setattr(_backend, "auto_backend", as_on_gpu)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.op)
+def test_torch_backend_runs_only_pytorch(case, auto_picks_kernels):
+    """backend="torch" is the reference that bisects a kernel bug: it must never reach a `based::` op (every
+    Triton and CUDA kernel is one), forward or backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class KernelCalls(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "based":
+                KernelCalls.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    tensors = case.make(torch.Generator().manual_seed(0))
+    grad_out = None
+    with KernelCalls():
+        leaves = {n: t.requires_grad_(n in case.grad) for n, t in tensors.items()}
+        outs = [o for o in outputs_of(case.run("torch", **leaves)) if o.requires_grad]
+        if outs:
+            grad_out = [torch.ones_like(o) for o in outs]
+            torch.autograd.backward(outs, grad_out)
+    assert KernelCalls.seen == [], f"{case.op}(backend='torch') ran kernels: {KernelCalls.seen}"
