@@ -279,3 +279,60 @@ def test_torch_backend_runs_only_pytorch(case, auto_picks_kernels):
             grad_out = [torch.ones_like(o) for o in outs]
             torch.autograd.backward(outs, grad_out)
     assert KernelCalls.seen == [], f"{case.op}(backend='torch') ran kernels: {KernelCalls.seen}"
+
+
+def record_kernel_calls(case: Case, backend: str, how: str) -> list:
+    """(op, args, kwargs) of every `based::` custom op that `case` reaches on `backend`, forward and backward,
+    with every tensor argument it does not update in place in the `how` layout; the recorded tensors are copies with the same strides."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_map
+
+    class Recorder(TorchDispatchMode):
+        calls: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.namespace == "based":
+                Recorder.calls.append((func, tree_map(clone_strided, args), tree_map(clone_strided, kwargs)))
+            return func(*args, **kwargs)
+
+    # Arguments updated in place stay contiguous: kernels may refuse other layouts for them.
+    tensors = {n: t if n in case.in_place else relayout(t, how)
+               for n, t in case.make(torch.Generator().manual_seed(0)).items()}
+    with Recorder():
+        outs = outputs_of(case.run(backend, **{n: t.requires_grad_(n in case.differentiates(backend))
+                                               for n, t in tensors.items()}))
+        used = [o for o in outs if o.requires_grad]
+        if used:
+            torch.autograd.backward(used, [relayout(torch.ones_like(o), how) for o in used])
+    return Recorder.calls
+
+
+@pytest.mark.parametrize("how", ["sliced", "transposed"])
+@pytest.mark.parametrize("case", [c for c in CASES if set(c.backends) - {"torch", "auto"}], ids=lambda c: c.op)
+def test_custom_ops_fakes_match_kernels_on_strided_inputs(case, how):
+    """Each custom op the kernels run passes `torch.library.opcheck`, and its fake (what torch.compile plans
+    with) gives the real outputs' shapes, dtypes and strides, for the strided inputs models produce."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_leaves, tree_map
+
+    for backend in set(case.backends) - {"torch", "auto"}:
+        calls = record_kernel_calls(case, backend, how)
+        assert calls, f"{case.op}[{backend}] reached no custom op"
+        for func, args, kwargs in calls:
+            real = [t for t in tree_leaves(func(*tree_map(clone_strided, args), **tree_map(clone_strided, kwargs)))
+                    if isinstance(t, torch.Tensor)]
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                fake_args, fake_kwargs = tree_map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor)
+                                                  else x, (args, kwargs))
+                fake = [t for t in tree_leaves(func(*fake_args, **fake_kwargs)) if isinstance(t, torch.Tensor)]
+            assert [(t.shape, t.dtype, t.stride()) for t in fake] == [(t.shape, t.dtype, t.stride()) for t in real], \
+                f"{func}: the fake's outputs differ from the kernel's"
+            torch.library.opcheck(func, tree_map(clone_strided, args), tree_map(clone_strided, kwargs))
+
+
+def clone_strided(x):
+    """A copy of a tensor with the same strides (other values unchanged)."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x)

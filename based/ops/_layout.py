@@ -31,6 +31,6 @@ def require_unit_stride(name: str, x: torch.Tensor, kernel: str, dims: int = 1) 
     """ValueError naming `name` unless its last `dims` dimensions are dense and row-major: for arguments
     `kernel` updates in place, which a copy would leave untouched."""
     if not has_unit_stride(x, dims):
-        raise ValueError(f"{name} is updated in place by {kernel}, which needs its last {dims} dim(s) dense "
-                         f"(unit stride), got shape {tuple(x.shape)} with strides {x.stride()}; pass a contiguous "
+        what = "its last dimension" if dims == 1 else f"its last {dims} dimensions"
+        raise ValueError(f"{name} is updated in place by {kernel}, which needs {what} dense (unit stride), got shape {tuple(x.shape)} with strides {x.stride()}; pass a contiguous "
                          f"tensor or use backend='torch'")

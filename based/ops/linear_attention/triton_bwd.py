@@ -203,7 +203,7 @@ def backward(q, k, v, o, do, den, state0, z0, d_state, d_z, causal: bool, normal
         y_in = segment_starts(y_init, seg_y, causal, reverse=True)
 
     dk = torch.empty(launch.n_vblocks, B * H, T, DP, **f32)
-    dv = torch.empty_like(v)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     store = need_d_state0 and causal
     r_out = torch.empty(B * H, F, DV, **f32) if store else r_in
     y_out = torch.empty(B * H, F, **f32) if store else y_in
@@ -220,10 +220,11 @@ def backward(q, k, v, o, do, den, state0, z0, d_state, d_z, causal: bool, normal
         r, y = (r_out, y_out) if causal else (r_in[:, 0], y_in[:, 0])
         # R holds raw query sums; the initial state's gradient reads S2 with the queries' factor 1/2.
         d_state0 = tuple(_halve_second_order(x.reshape(B, H, F, *x.shape[2:]), DP) for x in (r, y))
-    return per_head(dq).to(q.dtype), per_head(dk).to(k.dtype), dv, d_state0
+    # Fresh contiguous gradients whatever the inputs' layout (the op's fake promises that to torch.compile).
+    return per_head(dq).to(q.dtype).contiguous(), per_head(dk).to(k.dtype).contiguous(), dv, d_state0
 
 
 def _halve_second_order(x, dp):
-    x = x.clone()
+    x = x.clone(memory_format=torch.contiguous_format)
     x[:, :, 1 + dp:] *= 0.5
     return x

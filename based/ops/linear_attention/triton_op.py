@@ -55,9 +55,9 @@ def _backward_op(q: Tensor, k: Tensor, v: Tensor, o: Tensor, do: Tensor, den: Te
 
 @_backward_op.register_fake
 def _(q, k, v, o, do, den, state0, z0, d_state, d_z, causal, normalize, need_d_state0):
-    grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    grads = (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))  # contiguous, as the kernels'
     if need_d_state0:
-        return (*grads, torch.empty_like(state0), torch.empty_like(z0))
+        return (*grads, state0.new_empty(state0.shape), z0.new_empty(z0.shape))
     return (*grads, _empty(q), _empty(q))
 
 

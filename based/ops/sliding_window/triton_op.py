@@ -32,7 +32,7 @@ def _backward_op(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Te
 
 @_backward_op.register_fake
 def _(q, k, v, o, lse, do, window, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the kernels'
 
 
 def _setup_context(ctx, inputs, output):
