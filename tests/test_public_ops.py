@@ -336,3 +336,71 @@ def clone_strided(x):
     if not isinstance(x, torch.Tensor):
         return x
     return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.op)
+def test_empty_dimensions_are_a_value_error(case):
+    """One rule for every op: any tensor argument with a dimension of size 0 is a ValueError (never an empty
+    result, a reshape error from inside a kernel wrapper, or an index error)."""
+    tensors = case.make(torch.Generator().manual_seed(0))
+    for backend in case.backends:
+        for name, tensor in tensors.items():
+            for dim in range(tensor.dim()):
+                empty = tensor.narrow(dim, 0, 0)
+                with pytest.raises(ValueError):
+                    case.run(backend, **dict(tensors, **{name: empty}))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.op)
+def test_auto_takes_the_reference_where_kernels_cannot_go(case, auto_picks_kernels):
+    """"auto" never fails for want of a kernel: float64 inputs (which no kernel takes) with gradients needed
+    (which the inference-only kernels do not give) come out as on backend="torch"."""
+    tensors = {n: t.double() if t.is_floating_point() else t
+               for n, t in case.make(torch.Generator().manual_seed(0)).items()}
+    results = []
+    for backend in ("auto", "torch"):
+        leaves = {n: t.clone().requires_grad_(n in case.grad) for n, t in tensors.items()}
+        outs = outputs_of(case.run(backend, **leaves))
+        used = [o for o in outs if o.requires_grad]
+        if used:
+            torch.autograd.backward(used, [torch.ones_like(o) for o in used])
+        results.append([o.detach() for o in outs] + [leaves[n].grad for n in case.grad]
+                       + [leaves[n].detach() for n in case.in_place])
+    for got, want in zip(*results):
+        assert got is not None and torch.equal(got, want), case.op
+
+
+FLAG_CALLS = {
+    "linear_attention(causal=)": lambda t: based.ops.linear_attention(t["q"], t["k"], t["v"], causal="yes"),
+    "linear_attention(normalize=)": lambda t: based.ops.linear_attention(t["q"], t["k"], t["v"], normalize=1),
+    "linear_attention(return_state=)": lambda t: based.ops.linear_attention(t["q"], t["k"], t["v"],
+                                                                            return_state="no"),
+    "linear_attention_step(normalize=)": lambda t: based.ops.linear_attention_step(
+        t["q"][:, 0], t["k"][:, 0], t["v"][:, 0], LinearAttentionState(t["kv"], t["ksum"]), normalize="yes"),
+    "causal_conv1d(return_state=)": lambda t: based.ops.causal_conv1d(t["v"][:, :, 0], torch.ones(6, 3),
+                                                                      return_state=1),
+}
+
+
+@pytest.mark.parametrize("call", FLAG_CALLS, ids=str)
+def test_flags_must_be_bools(call):
+    tensors = la_inputs(torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match=call.split("(")[1].rstrip("=)") + " must be a bool"):
+        FLAG_CALLS[call](tensors)
+
+
+@pytest.mark.parametrize("eps", [-1.0, "1e-6", None])
+def test_eps_must_be_a_number_at_least_zero(eps):
+    tensors = la_inputs(torch.Generator().manual_seed(0))
+    error = ValueError if isinstance(eps, float) else TypeError
+    with pytest.raises(error, match="eps must be"):
+        based.ops.linear_attention(tensors["q"], tensors["k"], tensors["v"], eps=eps)
+    with pytest.raises(error, match="eps must be"):
+        based.ops.rms_norm(tensors["v"], tensors["v"][0, 0, 0], eps)
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2, 3])
+def test_linear_attention_without_state_rejects_each_empty_dimension(dim):
+    q, k, v = (t.narrow(dim, 0, 0) for t in (torch.ones(2, 3, 2, 4), torch.ones(2, 3, 2, 4), torch.ones(2, 3, 2, 5)))
+    with pytest.raises(ValueError, match="must not have empty dimensions"):
+        based.ops.linear_attention(q, k, v)

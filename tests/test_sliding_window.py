@@ -245,7 +245,7 @@ def test_bad_cache_and_pos_raise():
         step(q, k, v, WindowCache(good.k, good.v[:, :2]), 0)
     with pytest.raises(ValueError, match="cache.k must have 4 dimensions"):
         step(q, k, v, WindowCache(good.k[0], good.v), 0)
-    with pytest.raises(ValueError, match="cache.k must have at least one slot"):
+    with pytest.raises(ValueError, match="cache.k must not have empty dimensions"):
         step(q, k, v, WindowCache.zeros(1, 0, 2, 8, value_dim=5), 0)
     with pytest.raises(TypeError, match="cache.k has dtype int32"):
         step(q, k, v, WindowCache(good.k.int(), good.v), 0)

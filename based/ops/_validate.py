@@ -1,4 +1,8 @@
-"""Input checks shared by every op: each raises ValueError/TypeError naming the argument and what it saw."""
+"""Input checks shared by every op: each raises ValueError/TypeError naming the argument and what it saw.
+
+One rule for empty inputs across all ops: a tensor argument with an empty dimension (batch, length, heads or
+features of size 0) is a ValueError, never an empty result or an error from deep inside a kernel.
+"""
 from __future__ import annotations
 
 from typing import Sequence
@@ -11,16 +15,32 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_tensor(name: str, x, *, ndim: int | None, dtypes: Sequence[torch.dtype] = REFERENCE_DTYPES) -> None:
-    """`x` must be a tensor of rank `ndim` (any rank >= 1 when None) with one of `dtypes`."""
+    """`x` must be a tensor of rank `ndim` (any rank >= 1 when None) with one of `dtypes`, and no empty dimension."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if ndim is None and x.dim() == 0:
-        raise ValueError(f"{name} must have at least one dimension, got a scalar")
+        raise ValueError(f"{name} must have at least one dimension, got a scalar (shape ())")
     if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
     if x.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} has dtype {str(x.dtype).replace('torch.', '')}; supported: {allowed}")
+    if 0 in x.shape:
+        raise ValueError(f"{name} must not have empty dimensions, got shape {tuple(x.shape)}")
+
+
+def check_bool(name: str, value) -> None:
+    """Flags are real bools: a string or a number is a mistake, not a truth value."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r:.40}")
+
+
+def check_nonnegative(name: str, value) -> None:
+    """A real number >= 0 (an eps)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
 
 
 def check_kernel_dtype(dtype: torch.dtype, kernels: str) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 
 from based.ops._backend import auto_backend, cuda_extension_available, resolve_backend, triton_available
-from based.ops._validate import KERNEL_DTYPES, check_dims_match, check_same_device, check_shape, check_tensor
+from based.ops._validate import (
+    KERNEL_DTYPES, check_bool, check_dims_match, check_nonnegative, check_same_device, check_shape, check_tensor,
+)
 from based.ops.feature_map.reference import feature_dim_of
 from based.ops.linear_attention.reference import linear_attention_step_torch, linear_attention_torch
 from based.ops.linear_attention.state import LinearAttentionState, accumulation_dtype
@@ -40,8 +42,9 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     _check_qkv(q, k, v, seq_dim=True)
     if initial_state is not None:
         _check_state(initial_state, q, v)
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    for name, flag in (("causal", causal), ("normalize", normalize), ("return_state", return_state)):
+        check_bool(name, flag)
+    check_nonnegative("eps", eps)
     if backend == "auto" and not _kernels_support(q):
         backend = "torch"
     impl = resolve_backend("linear_attention", backend, q.device, _parallel_implementations())
@@ -81,6 +84,8 @@ def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sta
     """
     _check_qkv(q, k, v, seq_dim=False)
     _check_state(state, q, v)
+    check_bool("normalize", normalize)
+    check_nonnegative("eps", eps)
     if backend == "auto" and not _step_kernels_support(q, state):
         backend = "torch"
     impl = resolve_backend("linear_attention_step", backend, q.device, _step_implementations(),
@@ -125,10 +130,6 @@ def _check_qkv(q, k, v, *, seq_dim: bool) -> None:
     dims = q.shape[:-1]
     what = "batch, seqlen and heads" if seq_dim else "batch and heads"
     check_dims_match(f"{what} of q and v", q=tuple(dims), v=tuple(v.shape[:-1]))
-    if seq_dim and q.shape[1] == 0:
-        raise ValueError(f"seqlen must be >= 1, got q {tuple(q.shape)}")
-    if q.shape[-1] == 0 or v.shape[-1] == 0:
-        raise ValueError(f"feature and value dims must be >= 1, got q {tuple(q.shape)}, v {tuple(v.shape)}")
     if len({q.dtype, k.dtype, v.dtype}) > 1:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from based.ops._backend import grad_needed, resolve_backend, triton_available
-from based.ops._validate import KERNEL_DTYPES, check_same_device, check_shape, check_tensor
+from based.ops._validate import KERNEL_DTYPES, check_nonnegative, check_same_device, check_shape, check_tensor
 from based.ops.rms_norm.reference import rms_norm_torch
 
 
@@ -30,8 +30,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *, residu
         check_tensor("residual", residual, ndim=None)
         check_shape("residual", residual, tuple(x.shape))
     check_same_device(x=x, weight=weight, residual=residual)
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    check_nonnegative("eps", eps)
     if backend == "auto" and not _kernel_supports(x, weight, residual):
         backend = "torch"
     impl = resolve_backend("rms_norm", backend, x.device, _implementations())

@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 
 from based.ops._backend import resolve_backend, triton_available
-from based.ops._validate import KERNEL_DTYPES, check_dims_match, check_same_device, check_shape, check_tensor
+from based.ops._validate import (
+    KERNEL_DTYPES, check_bool, check_dims_match, check_same_device, check_shape, check_tensor,
+)
 from based.ops.short_conv.reference import causal_conv1d_step_torch, causal_conv1d_torch, gated_conv1d_step_torch
 
 
@@ -34,8 +36,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if initial_state is not None:
         _check_state("initial_state", initial_state, x, weight)
     check_same_device(x=x, weight=weight, bias=bias, initial_state=initial_state)
-    if x.shape[1] < 1:
-        raise ValueError(f"x must have seqlen >= 1, got shape {tuple(x.shape)}")
+    check_bool("return_state", return_state)
     impl = resolve_backend("causal_conv1d", backend, x.device, {"torch": causal_conv1d_torch})
     return impl(x, weight, bias, initial_state, return_state)
 

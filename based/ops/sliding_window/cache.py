@@ -99,9 +99,6 @@ def check_kv(k, v, *, seq_dim: bool) -> None:
         raise TypeError(f"k and v must share a dtype, got k {k.dtype} and v {v.dtype}")
     check_dims_match("batch, seqlen and heads of k and v" if seq_dim else "batch and heads of k and v",
                      k=tuple(k.shape[:-1]), v=tuple(v.shape[:-1]))
-    for name, x in (("k", k), ("v", v)):
-        if 0 in x.shape:
-            raise ValueError(f"{name} must not have empty dimensions, got shape {tuple(x.shape)}")
 
 
 def check_window_cache(cache, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> None:
@@ -111,8 +108,6 @@ def check_window_cache(cache, k: torch.Tensor | None = None, v: torch.Tensor | N
     check_tensor("cache.k", cache.k, ndim=4)
     check_tensor("cache.v", cache.v, ndim=4)
     B, W, Hkv, D = cache.k.shape
-    if W < 1:
-        raise ValueError(f"cache.k must have at least one slot (window >= 1), got shape {tuple(cache.k.shape)}")
     check_shape("cache.v", cache.v, (B, W, Hkv, cache.v.shape[-1]))
     if k is None:
         return

@@ -7,7 +7,7 @@ from numbers import Real
 import torch
 
 from based.ops._backend import resolve_backend, triton_available
-from based.ops._validate import check_positive_int, check_same_device, check_tensor
+from based.ops._validate import KERNEL_DTYPES, check_positive_int, check_same_device, check_tensor
 from based.ops.sliding_window.cache import WindowCache, check_kv, check_position, check_window_cache
 from based.ops.sliding_window.reference import sliding_window_attention_step_torch, sliding_window_attention_torch
 
@@ -26,7 +26,8 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             (fp64 on the torch backend), one dtype for all three. Any lengths.
         window: int >= 1. The released checkpoints' flash-attn `window_size=(w//2, 0)` is `w//2 + 1` here.
         scale: score scale, `1/sqrt(D)` when None.
-        backend: "auto", "torch" or "triton" (fp16/bf16/fp32; the default on CUDA); see `based.ops`.
+        backend: "auto" (the Triton kernels on CUDA for fp16/bf16/fp32, else the reference), "torch" or
+            "triton".
 
     Returns:
         `o` `[B, Tq, H, Dv]` in q's dtype, accumulated in fp32 (fp64 for fp64 inputs on the torch backend).
@@ -36,7 +37,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     check_qkv(q, k, v, seq_dim=True)
     check_positive_int("window", window)
     scale = _resolve_scale(scale, q)
-    impl = resolve_backend("sliding_window_attention", backend, q.device, _implementations(parallel=True))
+    impl = resolve_backend("sliding_window_attention", _auto_backend(backend, q), q.device, _implementations(parallel=True))
     return impl(q, k, v, window, scale)
 
 
@@ -56,7 +57,8 @@ def sliding_window_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
             reads its value on the host, so the step can be captured in a CUDA graph and replayed with
             `pos` updated in place.
         scale: `1/sqrt(D)` when None.
-        backend: "auto", "torch" or "triton" (one fused launch: ring write + attention).
+        backend: "auto" (the Triton kernel on CUDA for fp16/bf16/fp32, else the reference), "torch" or
+            "triton" (one fused launch: ring write + attention).
 
     Returns:
         `o` `[B, H, Dv]` in q's dtype.
@@ -65,8 +67,13 @@ def sliding_window_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     check_window_cache(cache, k, v)
     check_position(pos, cache, allow_tensor=True)
     scale = _resolve_scale(scale, q)
-    impl = resolve_backend("sliding_window_attention_step", backend, q.device, _implementations(parallel=False))
+    impl = resolve_backend("sliding_window_attention_step", _auto_backend(backend, q), q.device, _implementations(parallel=False))
     return impl(q, k, v, cache, pos, scale)
+
+
+def _auto_backend(backend: str, q: torch.Tensor) -> str:
+    """`backend`, with "auto" sent to the reference for inputs the kernels do not take (fp64)."""
+    return "torch" if backend == "auto" and q.dtype not in KERNEL_DTYPES else backend
 
 
 def _implementations(parallel: bool):
@@ -85,8 +92,6 @@ def check_qkv(q, k, v, *, seq_dim: bool) -> None:
     check_same_device(q=q, k=k, v=v)
     if q.dtype != k.dtype:
         raise TypeError(f"q, k, v must share a dtype, got q {q.dtype} and k, v {k.dtype}")
-    if 0 in q.shape:
-        raise ValueError(f"q must not have empty dimensions, got shape {tuple(q.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"batch and head dim of q and k must match, got q {tuple(q.shape)} and k {tuple(k.shape)}")
     H, Hkv = q.shape[-2], k.shape[-2]
