@@ -9,8 +9,9 @@ MAX_FEATURE_DIM = 64  # kMaxFeatureMapDim in csrc/launchers.h
 
 
 def taylor_feature_map_cuda(x: torch.Tensor) -> torch.Tensor:
-    # Checked here as well as in C++: on the GPU machine (torch 2.11+cu130, 2026-11-26) an exception thrown
-    # by the extension crashed the process instead of reaching Python, so the public path never relies on it.
+    # Checked here as well as in C++: an extension built with a compiler other than torch's can crash the
+    # process on a C++ exception instead of raising (docs/PERFORMANCE.md, "Build notes"), so the public path
+    # never relies on the C++ checks.
     if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; the CUDA kernel supports float32, float16, bfloat16")
     if x.shape[-1] > MAX_FEATURE_DIM:

@@ -21,8 +21,7 @@ def check_kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state
     """Raise ValueError/TypeError for inputs that the kernel does not take. Ranks, shapes and matching devices are
     checked before dispatch by `based.ops.linear_attention_step`.
 
-    Checked here as well as in C++ for the reason given in feature_map/cuda.py: on the GPU machine an exception
-    thrown by the extension crashed the process instead of reaching Python.
+    Checked here as well as in C++ for the reason given in feature_map/cuda.py.
     """
     if q.dtype not in KERNEL_DTYPES or len({q.dtype, k.dtype, v.dtype}) > 1:
         raise TypeError(f"q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}; the CUDA kernel takes one of "

@@ -12,8 +12,8 @@ from based.ops.linear_attention.reference import linear_attention_step_torch, li
 from based.ops.linear_attention.state import LinearAttentionState, accumulation_dtype
 
 STATE_DTYPES = (torch.float32, torch.float64)
-# The step's "auto" order, Triton first: on an H200 it streams the state at 81-93% of the copy bandwidth for
-# B >= 64, the CUDA kernel at 44-79% (benchmarks/decode.py).
+# The step's "auto" order, Triton first: it streams the state closer to the copy bandwidth than the CUDA kernel
+# (benchmarks/decode.py; docs/PERFORMANCE.md).
 STEP_AUTO_ORDER = ("triton", "cuda")
 
 

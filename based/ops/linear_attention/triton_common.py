@@ -26,7 +26,7 @@ import triton.language as tl
 # Launch shape (benchmarks/tune_linear_attention.py): tokens per chunk, value columns per program, warps.
 # A chunk's second-order features [BT, DP*DP] and the state [DP*DP, BV] live in registers, so BT * 256 and
 # 256 * BV bound what fits before the compiler spills.
-# Best of benchmarks/tune_linear_attention.py on an H200 (bf16, d=16, dv=64, 2026-11-26): BT=16, BV=32.
+# BT=16, BV=32 is the best of that sweep (docs/PERFORMANCE.md).
 CHUNK = 16
 BLOCK_V = 32
 NUM_WARPS = 4
@@ -220,7 +220,7 @@ class Launch:
     def _num_segments(n_chunks: int, programs_per_segment: int, device: torch.device) -> int:
         """Split the sequence only while the programs still fit in one wave: each extra segment costs one
         more pass over its rows and one more state in memory, and a second wave (two programs fit per SM,
-        limited by registers) doubles the time (ncu, H200: 512 programs ran as 1.94 waves)."""
+        limited by registers) doubles the time."""
         if device.type != "cuda":
             return min(n_chunks, 2)  # the interpreter: exercise the segmented path on small inputs
         slots = 2 * torch.cuda.get_device_properties(device).multi_processor_count

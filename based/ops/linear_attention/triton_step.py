@@ -24,9 +24,9 @@ from based.ops._triton import let_next_kernel_start, wait_for_previous_kernel
 from based.ops._validate import check_kernel_dtype
 from based.ops.feature_map.reference import second_order_index
 
-# (features per block, warps), chosen on an H200 (d 16, dv 112, bf16). With a program for every SM or more,
-# 32-feature blocks on 4 warps stream the state at 76-86% of the copy bandwidth. At batch 1 the 16 programs
-# are latency-bound: one block of all 153 features on 8 warps issues every load at once (5 us, 10 us before).
+# (features per block, warps); measurements in docs/PERFORMANCE.md. With a program for every SM or more the step
+# streams the state, and 32-feature blocks on 4 warps keep enough of it in flight. At batch 1 the few programs
+# are latency-bound: one block of all 153 features on 8 warps issues every load at once.
 MANY_PROGRAMS = (32, 4)
 FEW_PROGRAMS = (256, 8)
 INTERPRETER_FEATURES = 32

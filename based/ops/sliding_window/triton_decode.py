@@ -16,9 +16,9 @@ from based.ops._backend import decode_launch
 from based.ops._triton import let_next_kernel_start, wait_for_previous_kernel
 from based.ops.sliding_window.triton_common import LOG2_E, load_rows
 
-# Slots per block and warps, chosen on an H200 (window 129, head dim 112, bf16): with 1024 x 16 programs,
-# 64 slots and 2 warps stream the cache at ~80% of the copy bandwidth (128 slots / 8 warps: 2x slower);
-# when the programs do not fill the SMs (batch 1), one 128-slot block on 8 warps has the lowest latency.
+# Slots per block and warps (measurements: docs/PERFORMANCE.md). With enough programs to fill the SMs the step
+# streams the cache, and small blocks on few warps keep more of it in flight; when the programs do not fill the
+# SMs (batch 1) it is latency-bound, and one big block on 8 warps issues every load at once.
 MANY_PROGRAMS = (64, 2)
 FEW_PROGRAMS = (128, 8)
 INTERPRETER_SLOTS = 16

@@ -10,9 +10,8 @@ from based.ops.sliding_window.triton_common import (
 )
 
 # Launch shape on GPUs (benchmarks/sliding_window.py --tune): queries and keys per block, warps, stages, and
-# a register cap. The cap matters: uncapped, Triton 3.6 takes 128-131 registers, and past 128 only three
-# programs fit per SM; at 120 (114 used, no spills) four do. H200, T=8192, window 129, head dim 64:
-# 0.278 ms uncapped, 0.234 ms capped.
+# a register cap. The cap keeps the kernel at four resident programs per SM: uncapped, Triton takes just over
+# 128 registers, where only three fit (docs/PERFORMANCE.md).
 FWD_BLOCK_M, FWD_BLOCK_N, FWD_WARPS, FWD_STAGES, FWD_MAX_REGISTERS = 64, 64, 4, 3, 120
 
 
