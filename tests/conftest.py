@@ -31,6 +31,19 @@ def seeded_generators(request):
 
 
 @pytest.fixture
+def auto_picks_kernels(monkeypatch):
+    """"auto" choosing kernels as it does on a GPU, here too where the interpreter runs them: a reference that
+    dispatched through "auto" would then reach a kernel on CPU as well."""
+    from based.ops import _backend
+
+    def as_on_gpu(device, implementations, auto_order=("cuda", "triton")):
+        usable = [n for n in auto_order if n in implementations and _backend._supported(n, device)]
+        return usable[0] if usable else "torch"
+
+    monkeypatch.setattr(_backend, "auto_backend", as_on_gpu)
+
+
+@pytest.fixture
 def nan_filled_allocations():
     """Fresh allocations (torch.empty) come out NaN, so an output element a kernel forgets to write fails."""
     torch.use_deterministic_algorithms(True)
