@@ -2,6 +2,8 @@
 # One call on the GPU machine: install (building based._C), run the gpu-marked tests, run the benchmarks
 # named as arguments. Logs go to $OUT (or ./gpu_out). Comparison packages travel as wheels in .whl/.
 #   PYTEST_TARGETS  what pytest runs (default: tests)   PYTEST_K  a -k expression   TEST_TIMEOUT  seconds
+#   PYTEST_MARK  a -m expression (default: gpu; empty runs every test, e.g. tests/test_public_ops.py, whose
+#                unmarked tests take every backend the machine has)
 set -uo pipefail
 out="${OUT:-gpu_out}"
 mkdir -p "$out"
@@ -16,7 +18,7 @@ python3 -m pip install -v --no-build-isolation -e . > "$out/install.log" 2>&1
 echo "install exit $?"; tail -2 "$out/install.log"
 python3 -c "import torch, based._C; print('based._C imported; torch', torch.__version__)"
 export PYTHONUNBUFFERED=1
-timeout "${TEST_TIMEOUT:-3000}" python3 -X faulthandler -m pytest ${PYTEST_TARGETS:-tests} -m gpu -q \
+timeout "${TEST_TIMEOUT:-3000}" python3 -X faulthandler -m pytest ${PYTEST_TARGETS:-tests} -m "${PYTEST_MARK-gpu}" -q \
   -k "${PYTEST_K:-}" -p no:cacheprovider -ra 2>&1 | tee "$out/gpu_tests.log" | tail -15
 for bench in "$@"; do
   python3 "benchmarks/$bench.py" 2>&1 | tee "$out/$bench.txt"
