@@ -18,8 +18,10 @@ python3 -m pip install -v --no-build-isolation -e . > "$out/install.log" 2>&1
 echo "install exit $?"; tail -2 "$out/install.log"
 python3 -c "import torch, based._C; print('based._C imported; torch', torch.__version__)"
 export PYTHONUNBUFFERED=1
-timeout "${TEST_TIMEOUT:-3000}" python3 -X faulthandler -m pytest ${PYTEST_TARGETS:-tests} -m "${PYTEST_MARK-gpu}" -q \
-  -k "${PYTEST_K:-}" -p no:cacheprovider -ra 2>&1 | tee "$out/gpu_tests.log" | tail -15
+# SIGINT at the time limit: pytest then still prints its summary and the slowest tests.
+timeout -s INT "${TEST_TIMEOUT:-3000}" python3 -X faulthandler -m pytest ${PYTEST_TARGETS:-tests} \
+  -m "${PYTEST_MARK-gpu}" -v --tb=short --durations=15 -k "${PYTEST_K:-}" -p no:cacheprovider -ra 2>&1 \
+  | tee "$out/gpu_tests.log" | grep -E "FAILED|ERROR|passed|failed|[0-9.]+s (call|setup)" | tail -40
 for bench in "$@"; do
   python3 "benchmarks/$bench.py" 2>&1 | tee "$out/$bench.txt"
 done

@@ -205,7 +205,8 @@ class Launch:
         self.B, self.T, self.H, self.D, self.DV = B, T, H, D, v.shape[-1]
         self.DP = padded_feature_dim(D)
         self.F = raw_feature_count(self.DP)
-        self.BV = min(BLOCK_V, triton.next_power_of_2(self.DV))
+        # At least 16 columns: tensor-core products need K >= 16, and the backward contracts over the value block.
+        self.BV = min(BLOCK_V, max(16, triton.next_power_of_2(self.DV)))
         self.n_vblocks = triton.cdiv(self.DV, self.BV)
         n_chunks = triton.cdiv(T, CHUNK)
         self.BT = CHUNK
