@@ -2,6 +2,7 @@
 `metrics` entries) and save_pretrained / from_pretrained round trips."""
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -144,3 +145,65 @@ def test_missing_files_and_wrong_model_class(tmp_path):
         BasedLM.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="Transformer"):
         Transformer.from_pretrained(tmp_path)
+
+
+def saved_checkpoint(path, *, safe_serialization=False):
+    """A small checkpoint written by save_pretrained; returns the model."""
+    model = random_model()
+    model.save_pretrained(path, safe_serialization=safe_serialization)
+    return model
+
+
+def path_pattern(file):
+    return re.escape(repr(str(file)))
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"d_model": 64, "n_lay', "is not valid JSON"),
+    ("", "is not valid JSON"),
+    ("[1, 2]", "must hold a JSON object, got a list"),
+    ('"based"', "must hold a JSON object, got a string"),
+    ("null", "must hold a JSON object, got null"),
+])
+def test_unreadable_config_json_raises_value_error_naming_the_file(tmp_path, text, message):
+    saved_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=f"config.json at {path_pattern(tmp_path / 'config.json')} {message}"):
+        BasedLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"d_model": "64"}, "d_model must be an int >= 1, got '64'"),
+    ({"norm_eps": "1e-5"}, "norm_eps must be a finite number > 0, got '1e-5'"),
+    ({"rotary_base": None}, "rotary_base must be a finite number > 0, got None"),
+    ({"linear_attention_eps": "tiny"}, "linear_attention_eps must be a finite number >= 0"),
+    ({"mlp_hidden_dim": "128"}, "mlp_hidden_dim must be an int >= 1 or None"),
+    ({"linear_attention_layers": 1}, "linear_attention_layers must be a list of layer indices, got 1"),
+    ({"sliding_window_layers": ["2", "5"]}, "sliding_window_layers must hold distinct layer indices"),
+    # A string is truthy: taken as it stands, "false" would tie the head it says is untied.
+    ({"tie_embeddings": "false"}, "tie_embeddings must be a bool, got 'false'"),
+    ({"n_heads": 5}, r"d_model \(64\) must be a multiple of n_heads \(5\)"),
+    ({"model_type": "gpt2"}, "BasedConfig cannot read a config of model_type 'gpt2'"),
+])
+def test_mistyped_saved_config_raises_value_error_naming_the_file(tmp_path, change, message):
+    saved_checkpoint(tmp_path)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **change}))
+    with pytest.raises(ValueError, match=f"config.json at {path_pattern(config_file)}: {message}"):
+        BasedLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({k: v for k, v in RELEASED_CONFIG.items() if k != "n_layer"}, "missing field 'n_layer'"),
+    ({k: v for k, v in RELEASED_CONFIG.items() if k != "vocab_size"}, "missing field 'vocab_size'"),
+    ({**RELEASED_CONFIG, "alt_mixer_layers": 1}, "alt_mixer_layers must be a list of layer indices, got 1"),
+    ({**RELEASED_CONFIG, "rotary_emb_fraction": None}, "rotary_emb_fraction must be 1.0"),
+    ({**RELEASED_CONFIG, "rotary_emb_base": "10000"}, "rotary_emb_base must be a number"),
+    ({**RELEASED_CONFIG, "alt_mixer_2": {**RELEASED_CONFIG["alt_mixer_2"], "window_size": "8"}},
+     "alt_mixer_2.window_size must be an int"),
+    ({**RELEASED_CONFIG, "n_inner": "128"}, "mlp_hidden_dim must be an int >= 1 or None, got '128'"),
+])
+def test_mistyped_released_config_raises_value_error_naming_the_file(tmp_path, config, message):
+    write_released_checkpoint(tmp_path, random_model(), config=config)
+    with pytest.raises(ValueError, match=f"config.json at {path_pattern(tmp_path / 'config.json')}: .*{message}"):
+        BasedLM.from_pretrained(tmp_path)
