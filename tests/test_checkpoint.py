@@ -207,3 +207,17 @@ def test_mistyped_released_config_raises_value_error_naming_the_file(tmp_path, c
     write_released_checkpoint(tmp_path, random_model(), config=config)
     with pytest.raises(ValueError, match=f"config.json at {path_pattern(tmp_path / 'config.json')}: .*{message}"):
         BasedLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("keep", ["half", "8 bytes", "nothing"])
+@pytest.mark.parametrize("safe_serialization", [False, True])
+def test_truncated_weights_raise_value_error_naming_the_file(tmp_path, safe_serialization, keep):
+    if safe_serialization:
+        pytest.importorskip("safetensors")
+    saved_checkpoint(tmp_path, safe_serialization=safe_serialization)
+    weights = tmp_path / ("model.safetensors" if safe_serialization else "pytorch_model.bin")
+    data = weights.read_bytes()
+    weights.write_bytes(data[:{"half": len(data) // 2, "8 bytes": 8, "nothing": 0}[keep]])
+    with pytest.raises(ValueError, match=f"could not read the .* {path_pattern(weights)}") as raised:
+        BasedLM.from_pretrained(tmp_path)
+    assert raised.value.__cause__ is not None  # the reader's own error stays attached

@@ -11,6 +11,7 @@ writes (told apart by `n_embd`).
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ def load_pretrained(model_class, path, *, device=None, dtype: torch.dtype | None
     Returns the model in eval mode.
 
     Raises FileNotFoundError when the directory or a needed file is missing, and ValueError naming
-    config.json when it cannot be read or does not describe a `model_class`.
+    the file when config.json or a weights file cannot be read or does not describe a `model_class`.
     """
     path = Path(path)
     if not path.is_dir():
@@ -182,15 +183,33 @@ def _require(condition: bool, message: str) -> None:
 
 
 def read_weights(path: Path) -> dict[str, Any]:
-    """All tensors of `*.safetensors` in `path` (merged), else of `pytorch_model.bin`."""
+    """All tensors of `*.safetensors` in `path` (merged), else of `pytorch_model.bin`.
+
+    Raises ValueError naming the file when a weights file cannot be parsed (truncated or corrupt, or a
+    pickle that `torch.load(weights_only=True)` refuses), with the reader's own error chained.
+    """
     safetensors_files = sorted(path.glob("*.safetensors"))
     if safetensors_files:
+        safetensors_torch = _safetensors()
+        from safetensors import SafetensorError
+
         state = {}
         for file in safetensors_files:
-            state.update(_safetensors().load_file(str(file)))
+            try:
+                state.update(safetensors_torch.load_file(str(file)))
+            except SafetensorError as err:
+                raise ValueError(f"could not read the safetensors file {str(file)!r}: {err}") from err
         return state
-    if (path / PYTORCH_NAME).is_file():
-        return torch.load(path / PYTORCH_NAME, map_location="cpu", weights_only=True)
+    file = path / PYTORCH_NAME
+    if file.is_file():
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except (PermissionError, IsADirectoryError):
+            raise  # already name the file, and no content was read
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+            # A truncated zip reads as RuntimeError (no central directory) or OSError (a seek past
+            # the end), a truncated legacy pickle as EOFError or UnpicklingError.
+            raise ValueError(f"could not read the PyTorch checkpoint {str(file)!r}: {err}") from err
     raise FileNotFoundError(f"no *.safetensors or {PYTORCH_NAME} in {str(path)!r}")
 
 
