@@ -221,3 +221,10 @@ def test_truncated_weights_raise_value_error_naming_the_file(tmp_path, safe_seri
     with pytest.raises(ValueError, match=f"could not read the .* {path_pattern(weights)}") as raised:
         BasedLM.from_pretrained(tmp_path)
     assert raised.value.__cause__ is not None  # the reader's own error stays attached
+
+
+def test_a_file_instead_of_the_checkpoint_directory(tmp_path):
+    saved_checkpoint(tmp_path)
+    with pytest.raises(NotADirectoryError, match=f"{path_pattern(tmp_path / 'config.json')} is a file: pass the "
+                                                 "checkpoint directory"):
+        BasedLM.from_pretrained(tmp_path / "config.json")

@@ -51,12 +51,18 @@ def load_pretrained(model_class, path, *, device=None, dtype: torch.dtype | None
     the config). Any other missing, unexpected or mis-shaped key raises ValueError.
     Returns the model in eval mode.
 
-    Raises FileNotFoundError when the directory or a needed file is missing, and ValueError naming
-    the file when config.json or a weights file cannot be read or does not describe a `model_class`.
+    Raises FileNotFoundError when nothing exists at `path` or a needed file is missing,
+    NotADirectoryError when `path` is a file (such as the checkpoint's own config.json) rather than
+    the directory, and ValueError naming the file when config.json or a weights file cannot be read
+    or does not describe a `model_class`.
     """
     path = Path(path)
-    if not path.is_dir():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
+    if not path.is_dir():
+        what = "a file" if path.is_file() else "not a directory"
+        raise NotADirectoryError(f"checkpoint path {str(path)!r} is {what}: pass the checkpoint directory "
+                                 f"(the one holding {CONFIG_NAME} and the weights)")
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {str(path)!r}")
