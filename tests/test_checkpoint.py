@@ -3,12 +3,14 @@
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from based.models import BasedConfig, BasedLM, Transformer, TransformerConfig
 
+ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 100
 SAVED_CONFIG = BasedConfig(d_model=64, n_layers=6, n_heads=4, vocab_size=VOCAB, mlp_hidden_dim=128,
                            linear_attention_layers=(1, 4), sliding_window_layers=(2, 5), feature_dim=8, window=5)
@@ -63,8 +65,6 @@ def assert_same_logits(loaded, model):
 
 @pytest.mark.parametrize("use_safetensors", [False, True])
 def test_loads_the_released_format(tmp_path, use_safetensors):
-    if use_safetensors:
-        pytest.importorskip("safetensors")
     model = random_model()
     write_released_checkpoint(tmp_path, model, safetensors=use_safetensors)
     loaded = BasedLM.from_pretrained(tmp_path)
@@ -88,8 +88,6 @@ def test_released_checkpoint_without_lm_head_and_in_bfloat16(tmp_path):
     (Transformer, TransformerConfig(d_model=64, n_layers=3, n_heads=4, vocab_size=VOCAB)),
 ])
 def test_save_pretrained_round_trip(tmp_path, model_class, config, safe_serialization):
-    if safe_serialization:
-        pytest.importorskip("safetensors")
     model = random_model(model_class, config)
     model.save_pretrained(tmp_path, safe_serialization=safe_serialization)
     assert (tmp_path / ("model.safetensors" if safe_serialization else "pytorch_model.bin")).is_file()
@@ -212,8 +210,6 @@ def test_mistyped_released_config_raises_value_error_naming_the_file(tmp_path, c
 @pytest.mark.parametrize("keep", ["half", "8 bytes", "nothing"])
 @pytest.mark.parametrize("safe_serialization", [False, True])
 def test_truncated_weights_raise_value_error_naming_the_file(tmp_path, safe_serialization, keep):
-    if safe_serialization:
-        pytest.importorskip("safetensors")
     saved_checkpoint(tmp_path, safe_serialization=safe_serialization)
     weights = tmp_path / ("model.safetensors" if safe_serialization else "pytorch_model.bin")
     data = weights.read_bytes()
@@ -228,3 +224,34 @@ def test_a_file_instead_of_the_checkpoint_directory(tmp_path):
     with pytest.raises(NotADirectoryError, match=f"{path_pattern(tmp_path / 'config.json')} is a file: pass the "
                                                  "checkpoint directory"):
         BasedLM.from_pretrained(tmp_path / "config.json")
+
+
+def core_dependencies() -> dict[str, str]:
+    """pyproject.toml's [project] dependencies: {lower-case distribution name: requirement}."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {re.match(r"[A-Za-z0-9_.-]+", req).group().lower(): req for req in project["dependencies"]}
+
+
+def test_a_plain_install_has_what_save_pretrained_and_import_need():
+    """save_pretrained writes safetensors by default, and `import torch` warns "Failed to initialize NumPy"
+    without numpy: a plain `pip install .` must bring both, not only the test extra."""
+    assert {"safetensors", "numpy"} <= set(core_dependencies())
+
+
+def test_declared_dependencies_are_used_and_their_floors_hold():
+    deps = core_dependencies()
+    source = "\n".join(file.read_text() for file in (ROOT / "based").rglob("*.py"))
+    imported = set(re.findall(r"^\s*(?:import|from) (\w+)", source, re.MULTILINE))
+    # numpy is there for torch's import and Triton's interpreter, not imported by the package itself.
+    assert set(deps) - {"numpy"} <= imported
+
+    def floor(name):
+        return tuple(int(part) for part in re.search(r">=\s*([\d.]+)", deps[name]).group(1).split("."))
+
+    # Programmatic dependent launch came with Triton 3.4.0; torch 2.8 is the first to pin a Triton that has it.
+    if "gdc_launch_dependents" in source or "launch_pdl" in source:
+        assert floor("triton") >= (3, 4)
+        assert floor("torch") >= (2, 8)
+    if "torch.library.custom_op" in source or "register_autograd" in source:
+        assert floor("torch") >= (2, 4)
