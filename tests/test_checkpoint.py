@@ -1,6 +1,7 @@
 """Checkpoints: the released Based format (GPT-2-style config.json, `model.`-prefixed weights with
 `metrics` entries) and save_pretrained / from_pretrained round trips."""
 import dataclasses
+import inspect
 import json
 import re
 from pathlib import Path
@@ -255,3 +256,16 @@ def test_declared_dependencies_are_used_and_their_floors_hold():
         assert floor("torch") >= (2, 8)
     if "torch.library.custom_op" in source or "register_autograd" in source:
         assert floor("torch") >= (2, 4)
+
+
+@pytest.mark.parametrize("method", [BasedLM.from_pretrained, BasedLM.save_pretrained,
+                                    BasedConfig.from_preset, TransformerConfig.from_preset],
+                         ids=["from_pretrained", "save_pretrained", "BasedConfig", "TransformerConfig"])
+def test_checkpoint_and_preset_docstrings_give_args_returns_raises(method):
+    doc = inspect.getdoc(method)
+    for section in ("Args:", "Returns:", "Raises:"):
+        assert section in doc, f"{method.__qualname__}: no {section} section"
+    for name, parameter in inspect.signature(method).parameters.items():
+        if name != "self":
+            spelled = f"**{name}" if parameter.kind is inspect.Parameter.VAR_KEYWORD else name
+            assert f"    {spelled}:" in doc, f"{method.__qualname__}: argument {name} not described"

@@ -19,7 +19,25 @@ class _PresetConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides):
-        """The preset `name` with `overrides` applied to its fields."""
+        """A config with the architecture of the preset `name`, `overrides` replacing some of its fields.
+
+        A preset is only a set of field values (the released architectures, or the baselines matched to
+        them in size): no weights come with it and nothing is downloaded; load weights with
+        `from_pretrained`. `BasedConfig` has "based-360m" and "based-1.3b", `TransformerConfig`
+        "transformer-360m" and "transformer-1.3b" (the keys of `PRESETS`).
+
+        Args:
+            name: the preset's name.
+            **overrides: field values that replace the preset's, e.g. `n_layers=4` for a small test model.
+
+        Returns:
+            A new, validated config of this class.
+
+        Raises:
+            ValueError: `name` is not one of this class's presets (the message lists them), or a field
+                value is invalid (the message names the field).
+            TypeError: an override names no field of this class.
+        """
         if name not in cls.PRESETS:
             raise ValueError(f"unknown {cls.__name__} preset {name!r}; available: {', '.join(cls.PRESETS)}")
         return cls(**{**cls.PRESETS[name], **overrides})
