@@ -1,5 +1,6 @@
 """Checkpoints: the released Based format (GPT-2-style config.json, `model.`-prefixed weights with
 `metrics` entries) and save_pretrained / from_pretrained round trips."""
+import ast
 import dataclasses
 import inspect
 import json
@@ -269,3 +270,9 @@ def test_checkpoint_and_preset_docstrings_give_args_returns_raises(method):
         if name != "self":
             spelled = f"**{name}" if parameter.kind is inspect.Parameter.VAR_KEYWORD else name
             assert f"    {spelled}:" in doc, f"{method.__qualname__}: argument {name} not described"
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "benchmarks").glob("*.py")), ids=lambda path: path.name)
+def test_benchmark_docstrings_point_only_inside_the_repository(script):
+    doc = ast.get_docstring(ast.parse(script.read_text())) or ""
+    assert "../" not in doc and "shared/" not in doc, f"{script.name} refers to files outside the repository"
