@@ -6,9 +6,23 @@
 Times are `triton.testing.do_bench` medians (CUDA events) of the forward and of forward+backward. FA2 is
 `flash_attn` when importable, else PyTorch SDPA's FLASH_ATTENTION backend (the same FlashAttention-2 code),
 causal, head dim = dv. fla's `parallel_based` / `fused_chunk_based` run when the package is installed.
-Ratios are baseline time / our time measured in the same run. The floor is the chunked form's bytes
-(q, k, v, o once each) and FLOPs (see ../shared/BENCHMARKS.md) over the card's measured copy bandwidth and
-bf16 matrix rate, both measured here too.
+Ratios are baseline time / our time measured in the same run.
+
+The "floor ms" column estimates the least time a chunked forward could take on this card. Per token and head
+(chunk 64, d=16, dv=64):
+  - tensor-core FLOPs: intra-chunk q k^T and (q k^T) v, 2*64*(d + dv) = 2*64*(16 + 64) = 10.2 kFLOP, plus
+    reading and updating the state, 4*F*dv with F feature-map features. `flops_per_token_head` counts
+    F = 1 + d + d*d = 273, the released 273-feature map: 69.9 kFLOP, 80.1 kFLOP in all. That is also
+    the count our Triton kernels work on: they keep raw sums over all 1 + d + d*d products and convert
+    to the 153-feature public state at the end (based/ops/linear_attention/triton_common.py). The
+    symmetric map alone, F = 153 padded to 160, would need 41.0 kFLOP, 51.2 kFLOP in all; the column
+    does not use that count. The chunk of 64 is the formula's; the kernels run 16-token chunks (CHUNK
+    in triton_common.py).
+  - HBM bytes: q, k, v read and o written once, 2*d + 2*dv = 160 values: 320 bytes in bf16 (the
+    element size follows --dtype).
+With both totalled over the B*H*T token-heads, the floor is max(FLOPs / bf16 matrix rate, bytes /
+bandwidth), where the rate is that of an 8192^3 bf16 matmul and the bandwidth that of a device-to-device
+copy, both measured at the start of the run (`_common.ceilings`), not datasheet peaks.
 """
 from __future__ import annotations
 

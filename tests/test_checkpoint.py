@@ -1,13 +1,18 @@
 """Checkpoints: the released Based format (GPT-2-style config.json, `model.`-prefixed weights with
 `metrics` entries) and save_pretrained / from_pretrained round trips."""
+import ast
 import dataclasses
+import inspect
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from based.models import BasedConfig, BasedLM, Transformer, TransformerConfig
 
+ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 100
 SAVED_CONFIG = BasedConfig(d_model=64, n_layers=6, n_heads=4, vocab_size=VOCAB, mlp_hidden_dim=128,
                            linear_attention_layers=(1, 4), sliding_window_layers=(2, 5), feature_dim=8, window=5)
@@ -62,8 +67,6 @@ def assert_same_logits(loaded, model):
 
 @pytest.mark.parametrize("use_safetensors", [False, True])
 def test_loads_the_released_format(tmp_path, use_safetensors):
-    if use_safetensors:
-        pytest.importorskip("safetensors")
     model = random_model()
     write_released_checkpoint(tmp_path, model, safetensors=use_safetensors)
     loaded = BasedLM.from_pretrained(tmp_path)
@@ -87,8 +90,6 @@ def test_released_checkpoint_without_lm_head_and_in_bfloat16(tmp_path):
     (Transformer, TransformerConfig(d_model=64, n_layers=3, n_heads=4, vocab_size=VOCAB)),
 ])
 def test_save_pretrained_round_trip(tmp_path, model_class, config, safe_serialization):
-    if safe_serialization:
-        pytest.importorskip("safetensors")
     model = random_model(model_class, config)
     model.save_pretrained(tmp_path, safe_serialization=safe_serialization)
     assert (tmp_path / ("model.safetensors" if safe_serialization else "pytorch_model.bin")).is_file()
@@ -144,3 +145,134 @@ def test_missing_files_and_wrong_model_class(tmp_path):
         BasedLM.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="Transformer"):
         Transformer.from_pretrained(tmp_path)
+
+
+def saved_checkpoint(path, *, safe_serialization=False):
+    """A small checkpoint written by save_pretrained; returns the model."""
+    model = random_model()
+    model.save_pretrained(path, safe_serialization=safe_serialization)
+    return model
+
+
+def path_pattern(file):
+    return re.escape(repr(str(file)))
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"d_model": 64, "n_lay', "is not valid JSON"),
+    ("", "is not valid JSON"),
+    ("[1, 2]", "must hold a JSON object, got a list"),
+    ('"based"', "must hold a JSON object, got a string"),
+    ("null", "must hold a JSON object, got null"),
+])
+def test_unreadable_config_json_raises_value_error_naming_the_file(tmp_path, text, message):
+    saved_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=f"config.json at {path_pattern(tmp_path / 'config.json')} {message}"):
+        BasedLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"d_model": "64"}, "d_model must be an int >= 1, got '64'"),
+    ({"norm_eps": "1e-5"}, "norm_eps must be a finite number > 0, got '1e-5'"),
+    ({"rotary_base": None}, "rotary_base must be a finite number > 0, got None"),
+    ({"linear_attention_eps": "tiny"}, "linear_attention_eps must be a finite number >= 0"),
+    ({"mlp_hidden_dim": "128"}, "mlp_hidden_dim must be an int >= 1 or None"),
+    ({"linear_attention_layers": 1}, "linear_attention_layers must be a list of layer indices, got 1"),
+    ({"sliding_window_layers": ["2", "5"]}, "sliding_window_layers must hold distinct layer indices"),
+    # A string is truthy: taken as it stands, "false" would tie the head it says is untied.
+    ({"tie_embeddings": "false"}, "tie_embeddings must be a bool, got 'false'"),
+    ({"n_heads": 5}, r"d_model \(64\) must be a multiple of n_heads \(5\)"),
+    ({"model_type": "gpt2"}, "BasedConfig cannot read a config of model_type 'gpt2'"),
+])
+def test_mistyped_saved_config_raises_value_error_naming_the_file(tmp_path, change, message):
+    saved_checkpoint(tmp_path)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **change}))
+    with pytest.raises(ValueError, match=f"config.json at {path_pattern(config_file)}: {message}"):
+        BasedLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({k: v for k, v in RELEASED_CONFIG.items() if k != "n_layer"}, "missing field 'n_layer'"),
+    ({k: v for k, v in RELEASED_CONFIG.items() if k != "vocab_size"}, "missing field 'vocab_size'"),
+    ({**RELEASED_CONFIG, "alt_mixer_layers": 1}, "alt_mixer_layers must be a list of layer indices, got 1"),
+    ({**RELEASED_CONFIG, "rotary_emb_fraction": None}, "rotary_emb_fraction must be 1.0"),
+    ({**RELEASED_CONFIG, "rotary_emb_base": "10000"}, "rotary_emb_base must be a number"),
+    ({**RELEASED_CONFIG, "alt_mixer_2": {**RELEASED_CONFIG["alt_mixer_2"], "window_size": "8"}},
+     "alt_mixer_2.window_size must be an int"),
+    ({**RELEASED_CONFIG, "n_inner": "128"}, "mlp_hidden_dim must be an int >= 1 or None, got '128'"),
+])
+def test_mistyped_released_config_raises_value_error_naming_the_file(tmp_path, config, message):
+    write_released_checkpoint(tmp_path, random_model(), config=config)
+    with pytest.raises(ValueError, match=f"config.json at {path_pattern(tmp_path / 'config.json')}: .*{message}"):
+        BasedLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("keep", ["half", "8 bytes", "nothing"])
+@pytest.mark.parametrize("safe_serialization", [False, True])
+def test_truncated_weights_raise_value_error_naming_the_file(tmp_path, safe_serialization, keep):
+    saved_checkpoint(tmp_path, safe_serialization=safe_serialization)
+    weights = tmp_path / ("model.safetensors" if safe_serialization else "pytorch_model.bin")
+    data = weights.read_bytes()
+    weights.write_bytes(data[:{"half": len(data) // 2, "8 bytes": 8, "nothing": 0}[keep]])
+    with pytest.raises(ValueError, match=f"could not read the .* {path_pattern(weights)}") as raised:
+        BasedLM.from_pretrained(tmp_path)
+    assert raised.value.__cause__ is not None  # the reader's own error stays attached
+
+
+def test_a_file_instead_of_the_checkpoint_directory(tmp_path):
+    saved_checkpoint(tmp_path)
+    with pytest.raises(NotADirectoryError, match=f"{path_pattern(tmp_path / 'config.json')} is a file: pass the "
+                                                 "checkpoint directory"):
+        BasedLM.from_pretrained(tmp_path / "config.json")
+
+
+def core_dependencies() -> dict[str, str]:
+    """pyproject.toml's [project] dependencies: {lower-case distribution name: requirement}."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {re.match(r"[A-Za-z0-9_.-]+", req).group().lower(): req for req in project["dependencies"]}
+
+
+def test_a_plain_install_has_what_save_pretrained_and_import_need():
+    """save_pretrained writes safetensors by default, and `import torch` warns "Failed to initialize NumPy"
+    without numpy: a plain `pip install .` must bring both, not only the test extra."""
+    assert {"safetensors", "numpy"} <= set(core_dependencies())
+
+
+def test_declared_dependencies_are_used_and_their_floors_hold():
+    deps = core_dependencies()
+    source = "\n".join(file.read_text() for file in (ROOT / "based").rglob("*.py"))
+    imported = set(re.findall(r"^\s*(?:import|from) (\w+)", source, re.MULTILINE))
+    # numpy is there for torch's import and Triton's interpreter, not imported by the package itself.
+    assert set(deps) - {"numpy"} <= imported
+
+    def floor(name):
+        return tuple(int(part) for part in re.search(r">=\s*([\d.]+)", deps[name]).group(1).split("."))
+
+    # Programmatic dependent launch came with Triton 3.4.0; torch 2.8 is the first to pin a Triton that has it.
+    if "gdc_launch_dependents" in source or "launch_pdl" in source:
+        assert floor("triton") >= (3, 4)
+        assert floor("torch") >= (2, 8)
+    if "torch.library.custom_op" in source or "register_autograd" in source:
+        assert floor("torch") >= (2, 4)
+
+
+@pytest.mark.parametrize("method", [BasedLM.from_pretrained, BasedLM.save_pretrained,
+                                    BasedConfig.from_preset, TransformerConfig.from_preset],
+                         ids=["from_pretrained", "save_pretrained", "BasedConfig", "TransformerConfig"])
+def test_checkpoint_and_preset_docstrings_give_args_returns_raises(method):
+    doc = inspect.getdoc(method)
+    for section in ("Args:", "Returns:", "Raises:"):
+        assert section in doc, f"{method.__qualname__}: no {section} section"
+    for name, parameter in inspect.signature(method).parameters.items():
+        if name != "self":
+            spelled = f"**{name}" if parameter.kind is inspect.Parameter.VAR_KEYWORD else name
+            assert f"    {spelled}:" in doc, f"{method.__qualname__}: argument {name} not described"
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "benchmarks").glob("*.py")), ids=lambda path: path.name)
+def test_benchmark_docstrings_point_only_inside_the_repository(script):
+    doc = ast.get_docstring(ast.parse(script.read_text())) or ""
+    assert "../" not in doc and "shared/" not in doc, f"{script.name} refers to files outside the repository"

@@ -11,12 +11,13 @@ writes (told apart by `n_embd`).
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from based.models.config import BasedConfig
+from based.models.config import BasedConfig, _is_finite_number
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -49,14 +50,23 @@ def load_pretrained(model_class, path, *, device=None, dtype: torch.dtype | None
     `model.` is dropped, as are keys containing `metrics` and rotary `inv_freq` buffers (derived from
     the config). Any other missing, unexpected or mis-shaped key raises ValueError.
     Returns the model in eval mode.
+
+    Raises FileNotFoundError when nothing exists at `path` or a needed file is missing,
+    NotADirectoryError when `path` is a file (such as the checkpoint's own config.json) rather than
+    the directory, and ValueError naming the file when config.json or a weights file cannot be read
+    or does not describe a `model_class`.
     """
     path = Path(path)
-    if not path.is_dir():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
+    if not path.is_dir():
+        what = "a file" if path.is_file() else "not a directory"
+        raise NotADirectoryError(f"checkpoint path {str(path)!r} is {what}: pass the checkpoint directory "
+                                 f"(the one holding {CONFIG_NAME} and the weights)")
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {str(path)!r}")
-    config = read_config(model_class.config_class, json.loads(config_file.read_text()))
+    config = read_config(model_class.config_class, config_file)
     state = clean_state_dict(read_weights(path))
 
     with torch.device("meta"):
@@ -67,21 +77,44 @@ def load_pretrained(model_class, path, *, device=None, dtype: torch.dtype | None
     return model.eval()
 
 
-def read_config(config_class, raw: dict[str, Any]):
-    """A `config_class` instance from a parsed config.json (released GPT-2-style or our own)."""
-    if "n_embd" in raw:
-        if config_class is not BasedConfig:
-            raise ValueError(f"{config_class.__name__} cannot read a released Based (GPT-2-style) config.json")
-        return config_from_released(raw)
-    return config_class.from_dict(raw)
+def read_config(config_class, config_file: Path):
+    """A `config_class` instance from the config.json file `config_file` (released GPT-2-style or our own).
+
+    Raises ValueError naming `config_file` when it is not valid JSON, holds something other than a
+    JSON object, misses a field or gives a field a value the config rejects.
+    """
+    where = f"{CONFIG_NAME} at {str(config_file)!r}"
+    try:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{where} is not valid JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must hold a JSON object, got {_json_kind(raw)}")
+    try:
+        if "n_embd" in raw:
+            if config_class is not BasedConfig:
+                raise ValueError(f"{config_class.__name__} cannot read a released Based (GPT-2-style) config")
+            return config_from_released(raw)
+        return config_class.from_dict(raw)
+    except KeyError as err:
+        raise ValueError(f"{where}: missing field {err.args[0]!r}") from err
+    except (TypeError, ValueError) as err:
+        # TypeError: a field of the wrong JSON type reaching arithmetic in config_from_released.
+        raise ValueError(f"{where}: {err}") from err
+
+
+def _json_kind(value: Any) -> str:
+    """How JSON spells the kind of a parsed value."""
+    kinds = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
 
 
 def config_from_released(raw: dict[str, Any]) -> BasedConfig:
     """Map the released GPT-2-style config (flash-attn GPT fields + `_target_` mixer dicts) to a BasedConfig."""
     d_model = raw["n_embd"]
     base_conv = _mixer_dict(raw, "mixer", "BaseConv")
-    linear_layers = list(raw.get("alt_mixer_layers") or [])
-    window_layers = list(raw.get("alt_mixer_2_layers") or [])
+    linear_layers = _layer_list(raw, "alt_mixer_layers")
+    window_layers = _layer_list(raw, "alt_mixer_2_layers")
     linear = _mixer_dict(raw, "alt_mixer", "LinearAttention") if linear_layers else {}
     sliding = _mixer_dict(raw, "alt_mixer_2", "SlidingAttention") if window_layers else {}
 
@@ -93,9 +126,13 @@ def config_from_released(raw: dict[str, Any]) -> BasedConfig:
              f"alt_mixer.feature_name must be 'taylor_exp', got {linear.get('feature_name')!r}")
     _require(sliding.get("causal", True) is True, "alt_mixer_2.causal must be true")
     if window_layers:
-        _require(float(raw.get("rotary_emb_fraction", 1.0)) == 1.0,
-                 f"rotary_emb_fraction must be 1.0 (rotary on the full head dim), got {raw.get('rotary_emb_fraction')}")
+        fraction = raw.get("rotary_emb_fraction", 1.0)
+        _require(_is_finite_number(fraction) and fraction == 1,
+                 f"rotary_emb_fraction must be 1.0 (rotary on the full head dim), got {fraction!r}")
         _require("window_size" in sliding, "alt_mixer_2 needs a window_size")
+        window_size = sliding["window_size"]
+        _require(isinstance(window_size, int) and not isinstance(window_size, bool) and window_size >= 0,
+                 f"alt_mixer_2.window_size must be an int >= 0, got {window_size!r}")
     heads = {linear.get("num_heads", raw.get("n_head")), sliding.get("num_heads", raw.get("n_head"))} - {None}
     _require(len(heads) == 1, f"linear and sliding-window attention must agree on num_heads, got {sorted(heads)}")
     num_heads = heads.pop()
@@ -104,9 +141,11 @@ def config_from_released(raw: dict[str, Any]) -> BasedConfig:
 
     optional = {}
     if window_layers:
-        optional["window"] = sliding["window_size"] // 2 + 1  # flash-attn window_size=(w//2, 0)
+        optional["window"] = window_size // 2 + 1  # flash-attn window_size=(w//2, 0)
     if "eps" in linear:
         optional["linear_attention_eps"] = linear["eps"]
+    rotary_base = raw.get("rotary_emb_base", 10000.0)
+    _require(_is_finite_number(rotary_base), f"rotary_emb_base must be a number, got {rotary_base!r}")
     return BasedConfig(
         d_model=d_model,
         n_layers=raw["n_layer"],
@@ -118,7 +157,7 @@ def config_from_released(raw: dict[str, Any]) -> BasedConfig:
         linear_attention_layers=tuple(linear_layers),
         sliding_window_layers=tuple(window_layers),
         feature_dim=linear.get("feature_dim", 16),
-        rotary_base=float(raw.get("rotary_emb_base", 10000.0)),
+        rotary_base=float(rotary_base),
         conv_expand=base_conv["expand_proj"],
         # The released BaseConv ignores its misspelled `kernel_sizes` and always uses 3 taps.
         conv_kernel_size=3,
@@ -131,27 +170,52 @@ def config_from_released(raw: dict[str, Any]) -> BasedConfig:
 def _mixer_dict(raw: dict[str, Any], key: str, class_name: str) -> dict[str, Any]:
     mixer = raw.get(key)
     if not isinstance(mixer, dict) or not str(mixer.get("_target_", "")).endswith(class_name):
-        raise ValueError(f"config.json: {key} must be a dict whose _target_ ends in {class_name!r}, got {mixer!r}")
+        raise ValueError(f"{key} must be a dict whose _target_ ends in {class_name!r}, got {mixer!r}")
     if class_name == "BaseConv" and "expand_proj" not in mixer:
-        raise ValueError(f"config.json: {key} needs expand_proj")
+        raise ValueError(f"{key} needs expand_proj")
     return mixer
+
+
+def _layer_list(raw: dict[str, Any], key: str) -> list:
+    layers = raw.get(key) or []
+    if not isinstance(layers, list):
+        raise ValueError(f"{key} must be a list of layer indices, got {layers!r}")
+    return layers
 
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(f"unsupported config.json: {message}")
+        raise ValueError(f"unsupported setting: {message}")
 
 
 def read_weights(path: Path) -> dict[str, Any]:
-    """All tensors of `*.safetensors` in `path` (merged), else of `pytorch_model.bin`."""
+    """All tensors of `*.safetensors` in `path` (merged), else of `pytorch_model.bin`.
+
+    Raises ValueError naming the file when a weights file cannot be parsed (truncated or corrupt, or a
+    pickle that `torch.load(weights_only=True)` refuses), with the reader's own error chained.
+    """
     safetensors_files = sorted(path.glob("*.safetensors"))
     if safetensors_files:
+        safetensors_torch = _safetensors()
+        from safetensors import SafetensorError
+
         state = {}
         for file in safetensors_files:
-            state.update(_safetensors().load_file(str(file)))
+            try:
+                state.update(safetensors_torch.load_file(str(file)))
+            except SafetensorError as err:
+                raise ValueError(f"could not read the safetensors file {str(file)!r}: {err}") from err
         return state
-    if (path / PYTORCH_NAME).is_file():
-        return torch.load(path / PYTORCH_NAME, map_location="cpu", weights_only=True)
+    file = path / PYTORCH_NAME
+    if file.is_file():
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except (PermissionError, IsADirectoryError):
+            raise  # already name the file, and no content was read
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+            # A truncated zip reads as RuntimeError (no central directory) or OSError (a seek past
+            # the end), a truncated legacy pickle as EOFError or UnpicklingError.
+            raise ValueError(f"could not read the PyTorch checkpoint {str(file)!r}: {err}") from err
     raise FileNotFoundError(f"no *.safetensors or {PYTORCH_NAME} in {str(path)!r}")
 
 

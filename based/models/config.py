@@ -19,7 +19,25 @@ class _PresetConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides):
-        """The preset `name` with `overrides` applied to its fields."""
+        """A config with the architecture of the preset `name`, `overrides` replacing some of its fields.
+
+        A preset is only a set of field values (the released architectures, or the baselines matched to
+        them in size): no weights come with it and nothing is downloaded; load weights with
+        `from_pretrained`. `BasedConfig` has "based-360m" and "based-1.3b", `TransformerConfig`
+        "transformer-360m" and "transformer-1.3b" (the keys of `PRESETS`).
+
+        Args:
+            name: the preset's name.
+            **overrides: field values that replace the preset's, e.g. `n_layers=4` for a small test model.
+
+        Returns:
+            A new, validated config of this class.
+
+        Raises:
+            ValueError: `name` is not one of this class's presets (the message lists them), or a field
+                value is invalid (the message names the field).
+            TypeError: an override names no field of this class.
+        """
         if name not in cls.PRESETS:
             raise ValueError(f"unknown {cls.__name__} preset {name!r}; available: {', '.join(cls.PRESETS)}")
         return cls(**{**cls.PRESETS[name], **overrides})
@@ -52,16 +70,35 @@ class _PresetConfig:
         return cls(**fields)
 
     def _check_common(self) -> None:
-        for name in ("d_model", "n_layers", "n_heads", "vocab_size", "pad_vocab_size_multiple"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        _check_positive_ints(self, "d_model", "n_layers", "n_heads", "vocab_size", "pad_vocab_size_multiple")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
-        if self.mlp_hidden_dim is not None and self.mlp_hidden_dim < 1:
-            raise ValueError(f"mlp_hidden_dim must be >= 1 or None, got {self.mlp_hidden_dim}")
-        if self.norm_eps <= 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if self.mlp_hidden_dim is not None and not _is_int(self.mlp_hidden_dim, minimum=1):
+            raise ValueError(f"mlp_hidden_dim must be an int >= 1 or None, got {self.mlp_hidden_dim!r}")
+        for name in ("norm_eps", "rotary_base"):
+            value = getattr(self, name)
+            if not _is_finite_number(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        # A JSON string such as "false" would be truthy: only a real bool is taken.
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+
+
+def _is_int(value: Any, *, minimum: int) -> bool:
+    """An int (not a bool, which JSON's true/false would give) that is at least `minimum`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_finite_number(value: Any) -> bool:
+    """An int or float (not a bool) that is neither inf nor NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_positive_ints(config, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not _is_int(value, minimum=1):
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 @dataclass
@@ -102,20 +139,23 @@ class BasedConfig(_PresetConfig):
     }
 
     def __post_init__(self):
-        # JSON gives lists; tuples keep the config hashable and comparable.
-        self.linear_attention_layers = tuple(self.linear_attention_layers)
-        self.sliding_window_layers = tuple(self.sliding_window_layers)
+        for name in ("linear_attention_layers", "sliding_window_layers"):
+            layers = getattr(self, name)
+            if isinstance(layers, (str, bytes, dict)) or not hasattr(layers, "__iter__"):
+                raise ValueError(f"{name} must be a list of layer indices, got {layers!r}")
+            # JSON gives lists; tuples keep the config hashable and comparable.
+            setattr(self, name, tuple(layers))
         self._check_common()
-        for name in ("feature_dim", "window", "conv_expand", "conv_kernel_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        _check_positive_ints(self, "feature_dim", "window", "conv_expand", "conv_kernel_size")
+        if not _is_finite_number(self.linear_attention_eps) or self.linear_attention_eps < 0:
+            raise ValueError(f"linear_attention_eps must be a finite number >= 0, got {self.linear_attention_eps!r}")
         if self.sliding_window_layers and self.head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head dim, got d_model {self.d_model} / "
                              f"n_heads {self.n_heads} = {self.head_dim}")
         for name in ("linear_attention_layers", "sliding_window_layers"):
             layers = getattr(self, name)
-            if len(set(layers)) != len(layers) or any(not 0 <= i < self.n_layers for i in layers):
+            if (not all(_is_int(i, minimum=0) for i in layers) or len(set(layers)) != len(layers)
+                    or any(i >= self.n_layers for i in layers)):
                 raise ValueError(f"{name} must hold distinct layer indices in [0, {self.n_layers}), got {layers}")
         both = sorted(set(self.linear_attention_layers) & set(self.sliding_window_layers))
         if both:

@@ -184,9 +184,57 @@ class CausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype: torch.dtype | None = None):
-        """Load a local checkpoint directory; see `based.models.checkpoint.load_pretrained`."""
+        """Build this model class from a checkpoint directory on the local disk.
+
+        Reads `path/config.json` (the released GPT-2-style Based config, or the one `save_pretrained`
+        writes) and the weights: every `*.safetensors` file in `path` (merged), else
+        `path/pytorch_model.bin` (loaded with `weights_only=True`). Nothing is downloaded and nothing in
+        `path` is written. The model is built on the meta device and materialised once on `device`, so it
+        is never randomly initialised first. State-dict keys may carry a leading `model.`; keys containing
+        `metrics` and rotary `inv_freq` entries are ignored. Every other parameter must be present with
+        the shape the config gives (e.g. the embedding `[padded_vocab_size, d_model]`); a checkpoint
+        without `lm_head.weight` is fine when the config ties it to the embedding.
+
+        Args:
+            path: the checkpoint directory (str or `os.PathLike`), not a file inside it.
+            device: where the parameters live (anything `torch.device` accepts); CPU when None.
+            dtype: the parameters' floating dtype; the stored tensors are cast to it. float32 when None.
+
+        Returns:
+            The model, in eval mode, with `lm_head.weight` the embedding matrix when
+            `config.tie_embeddings`.
+
+        Raises:
+            FileNotFoundError: nothing exists at `path`, or it lacks config.json or any weights file.
+            NotADirectoryError: `path` is a file (such as the checkpoint's config.json).
+            ValueError: config.json is not valid JSON, not a JSON object, misses a field or holds a
+                value the config rejects; a weights file cannot be read (truncated or corrupt); the
+                keys or shapes do not match the config; or a released Based config is given to
+                `Transformer`. Each message names the file or the keys.
+            TypeError: a checkpoint entry (other than the ignored ones) is not a tensor.
+        """
         return load_pretrained(cls, path, device=device, dtype=dtype)
 
     def save_pretrained(self, path, *, safe_serialization: bool = True) -> None:
-        """Write `config.json` and the weights; see `based.models.checkpoint.save_pretrained`."""
+        """Write this model's config and weights into the directory `path`, for `from_pretrained`.
+
+        Creates `path` (and its parents) if needed and writes, replacing files of the same names:
+        `config.json`, the config's fields plus `model_type` (`self.config.to_dict()`), and the state dict
+        as `model.safetensors` (or `pytorch_model.bin` with `safe_serialization=False`): every parameter
+        in its current dtype and shape, copied to the CPU and made contiguous. A tied `lm_head.weight`
+        is left out (it is the embedding matrix; `from_pretrained` ties it back). Other files in `path`
+        are left alone; `from_pretrained` reads every `*.safetensors` there in preference to
+        `pytorch_model.bin`, so write a `.bin` checkpoint into a directory without `.safetensors` files.
+        Nothing is uploaded.
+
+        Args:
+            path: the directory (str or `os.PathLike`).
+            safe_serialization: write safetensors (True, the default) or a `torch.save` pickle.
+
+        Returns:
+            None.
+
+        Raises:
+            OSError: `path` cannot be created or written (e.g. `FileExistsError` when it is a file).
+        """
         save_pretrained(self, path, safe_serialization=safe_serialization)
