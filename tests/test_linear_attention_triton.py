@@ -109,6 +109,14 @@ def test_gpu_kernels_match_reference(T, dv, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("d, dv", [(1, 1), (4, 6), (8, 24), (16, 15)])
+def test_gpu_kernels_take_small_feature_and_value_dims(d, dv):
+    """Below 16 features or value columns the kernels pad to the tensor cores' minimum K (no compile error)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        check_against_reference(2, 70, 2, d, dv, dtype, True, True, True, "cuda")
+
+
+@pytest.mark.gpu
 def test_gpu_auto_backend_is_triton_and_compiles_without_graph_breaks():
     q, k, v = (x.cuda() for x in random_qkv(2, 300, 4, 16, 64, torch.bfloat16))
     torch._dynamo.reset()
