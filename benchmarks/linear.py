@@ -1,4 +1,4 @@
-"""Batch-1 projections of Based-1.3B: the fused Triton GEMV (`based.ops.linear`) against cuBLAS plus the
+"""Batch-1 projections of Based-1.3B: the fused Triton GEMV (`based.ops.linear` and its relatives) against cuBLAS plus the
 ops it replaces (the RMSNorm before it, the gate and the residual add after it), with the weights streamed
 from HBM.
 
@@ -22,7 +22,7 @@ import sys
 import torch
 from _common import banner, copy_bandwidth, environment, format_table, gpu_missing, graph_ms
 
-from based.ops import linear, stacked_linear
+from based.ops import linear, linear_gated_conv1d_step, stacked_linear
 from based.ops.linear import triton_gemv
 
 # (name, rows, in_features, epilogue): every projection of a Based-1.3B batch-1 decode step with what the blocks
@@ -61,6 +61,7 @@ def projection_inputs(rows, K, epilogue) -> tuple[list, dict]:
     if "gated" in epilogue:
         kwargs["gated"] = True
     if "conv" in epilogue:
+        kwargs.update(x=kwargs["x"][0], bias=kwargs.get("bias"))  # a [B, K] decode-step input
         kwargs["conv_state"] = torch.zeros(1, out_features, 3, device=device)
         kwargs["conv_weight"] = torch.randn(out_features, 3, device=device, dtype=dtype)
     if "residual" in epilogue:
@@ -75,6 +76,8 @@ def time_projection(weights: list, kwargs: dict, backend: str) -> float:
         for copy in weights:
             if len(copy) > 1:
                 stacked_linear(weights=copy, backend=backend, **kwargs)
+            elif "conv_state" in kwargs:
+                linear_gated_conv1d_step(weight=copy[0], backend=backend, **kwargs)
             else:
                 linear(weight=copy[0], backend=backend, **kwargs)
 

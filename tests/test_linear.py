@@ -1,4 +1,4 @@
-"""The fused linear op (gate, bias, residual add) against the float64 formula; the Triton matrix-vector
+"""The fused linear op (norm, gate, bias, residual add) against the float64 formula; the Triton matrix-vector
 kernel in the interpreter on CPU and compiled on a GPU."""
 import os
 
@@ -49,28 +49,6 @@ def check(leading, K, N, dtype, gated, with_bias, with_residual, backend, device
     assert_close(out, formula(x, weight, bias, residual, gated, norm.get("norm_weight")), dtype)
 
 
-def conv_formula(x, weight, bias, conv_state, conv_weight, norm_weight):
-    """(output, advanced state) of BaseConv's conv-gated decode step after the projection, in float64."""
-    u1, u2 = formula(x, weight, bias, None, False, norm_weight).chunk(2, dim=-1)
-    state = torch.cat([conv_state.double()[..., 1:], u1.reshape(conv_state.shape[:2])[..., None]], dim=-1)
-    conv = (state * conv_weight.double()).sum(-1).reshape(u2.shape)
-    return conv * torch.sigmoid(conv) * u2, state
-
-
-def check_conv(leading, K, N, taps, dtype, with_bias, with_norm, backend, device):
-    x = torch.randn(*leading, K, device=device, dtype=torch.float32 if with_norm else dtype)
-    weight = (torch.randn(2 * N, K, device=device) / K**0.5).to(dtype)
-    bias = torch.randn(2 * N, device=device, dtype=dtype) if with_bias else None
-    norm = dict(norm_weight=(1 + torch.rand(K, device=device)).to(dtype)) if with_norm else {}
-    conv_state = torch.randn(x.shape[:-1].numel(), N, taps, device=device)
-    conv_weight = torch.randn(N, taps, device=device, dtype=dtype)
-    expected, expected_state = conv_formula(x, weight, bias, conv_state, conv_weight, norm.get("norm_weight"))
-    out = linear(x, weight, bias, conv_state=conv_state, conv_weight=conv_weight, backend=backend, **norm)
-    assert out.shape == (*leading, N) and out.dtype == dtype
-    assert_close(out, expected, dtype)
-    assert_close(conv_state, expected_state, dtype, "conv state")
-
-
 def check_stacked(leading, K, rows, dtype, with_norm, backend, device):
     """stacked_linear against the formula per weight (a layer's q, k, v: no bias)."""
     x = torch.randn(*leading, K, device=device, dtype=torch.float32 if with_norm else dtype)
@@ -108,23 +86,6 @@ def test_reference_takes_many_rows(leading, gated, with_residual, with_norm):
        with_bias=st.booleans(), with_residual=st.booleans(), with_norm=st.booleans())
 def test_interpreted_kernel_matches_formula(shape, dtype, gated, with_bias, with_residual, with_norm):
     check(*shape, dtype, gated, with_bias, with_residual, "triton", "cpu", with_norm)
-
-
-@settings(max_examples=10)
-@given(leading=st.sampled_from([(1,), (1, 1), (3, 1)]), taps=st.sampled_from([1, 3, 4]),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]), with_bias=st.booleans(),
-       with_norm=st.booleans())
-def test_reference_conv_gate_matches_formula(leading, taps, dtype, with_bias, with_norm):
-    check_conv(leading, 40, 24, taps, dtype, with_bias, with_norm, "torch", "cpu")
-
-
-@pytest.mark.skipif(not INTERPRETED, reason="set TRITON_INTERPRET=1 to run the kernel on CPU")
-@settings(max_examples=12)
-@given(leading=st.sampled_from([(1,), (1, 1)]), K=st.sampled_from([16, 63]), N=st.sampled_from([24, 130]),
-       taps=st.sampled_from([1, 3, 4]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-       with_bias=st.booleans(), with_norm=st.booleans())
-def test_interpreted_kernel_conv_gate_matches_formula(leading, K, N, taps, dtype, with_bias, with_norm):
-    check_conv(leading, K, N, taps, dtype, with_bias, with_norm, "triton", "cpu")
 
 
 @settings(max_examples=10)
@@ -195,16 +156,6 @@ def test_gradients_flow_through_auto():
     (lambda x, w, b, r: dict(x=x, weight=w, norm_weight=x[0], norm_eps=-1.0), ValueError, "norm_eps must be"),
     (lambda x, w, b, r: dict(x=x, weight=w, norm_weight=x[0], norm_eps="1e-5"), ValueError, "norm_eps must be"),
     (lambda x, w, b, r: dict(x=x, weight=w, norm_weight=x[0].to("meta")), ValueError, "norm_weight on meta"),
-    (lambda x, w, b, r: dict(x=x, weight=w, conv_state=torch.zeros(1, 3, 3)), ValueError, "go together"),
-    (lambda x, w, b, r: dict(x=x, weight=w, conv_weight=torch.zeros(3, 3)), ValueError, "go together"),
-    (lambda x, w, b, r: dict(x=x, weight=w, gated=True, conv_state=torch.zeros(1, 3, 3),
-                             conv_weight=torch.zeros(3, 3)), ValueError, "two different gates"),
-    (lambda x, w, b, r: dict(x=x, weight=w, conv_state=torch.zeros(2, 3, 3), conv_weight=torch.zeros(3, 3)),
-     ValueError, "conv_state must have shape"),
-    (lambda x, w, b, r: dict(x=x, weight=w, conv_state=torch.zeros(1, 3, 3), conv_weight=torch.zeros(3, 4)),
-     ValueError, "conv_weight must have shape"),
-    (lambda x, w, b, r: dict(x=x, weight=w[:5], conv_state=torch.zeros(1, 2, 3), conv_weight=torch.zeros(2, 3)),
-     ValueError, "even row count"),
 ])
 def test_bad_inputs_raise(make, error, words):
     x, w, b, r = torch.randn(1, 8), torch.randn(6, 8), torch.randn(6), torch.randn(1, 6)
@@ -221,14 +172,6 @@ def test_bad_inputs_raise(make, error, words):
 @pytest.mark.parametrize("with_norm", [False, True])
 def test_gpu_kernel_matches_formula(K, N, dtype, gated, with_bias, with_residual, with_norm):
     check((1, 1), K, N, dtype, gated, with_bias, with_residual, "triton", "cuda", with_norm)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("K, N, taps", [(63, 130, 3), (1792, 3584, 3), (1792, 3584, 4), (5000, 300, 1)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("with_bias, with_norm", [(False, False), (True, True)])
-def test_gpu_kernel_conv_gate_matches_formula(K, N, taps, dtype, with_bias, with_norm):
-    check_conv((1, 1), K, N, taps, dtype, with_bias, with_norm, "triton", "cuda")
 
 
 @pytest.mark.gpu

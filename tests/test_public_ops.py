@@ -155,6 +155,12 @@ CASES = [
     Case("gated_conv1d_step", lambda g: conv_inputs(g, step=True),
          lambda b, x, weight, bias, state, gate: based.ops.gated_conv1d_step(x, gate, state, weight, bias, backend=b),
          kernel_backends("triton"), in_place=("state",)),
+    Case("linear_gated_conv1d_step",
+         lambda g: dict(x=randn(g, 1, 12), weight=randn(g, 10, 12, scale=12**-0.5), bias=randn(g, 10),
+                        state=randn(g, 1, 5, 3), conv_weight=randn(g, 5, 3), norm_weight=1 + randn(g, 12).abs()),
+         lambda b, x, weight, bias, state, conv_weight, norm_weight: based.ops.linear_gated_conv1d_step(
+             x, weight, bias, state, conv_weight, norm_weight=norm_weight, backend=b),
+         kernel_backends("triton"), in_place=("state",)),
 ]
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from based.nn import BaseConv
-from based.ops import causal_conv1d_step, gated_conv1d_step
+from based.ops import causal_conv1d_step, gated_conv1d_step, linear_gated_conv1d_step
 from based.ops._backend import triton_available
 from tests.helpers import assert_close
 from tests.test_nn import decode_in_chunks, randomized
@@ -209,3 +209,107 @@ def test_gpu_base_conv_decoding_matches_parallel_forward(dtype):
     decoded, cache = decode_in_chunks(layer, x, [1] * 40)
     assert decoded.dtype == dtype and cache.dtype == torch.float32
     assert_close(decoded, layer(x), dtype)
+
+
+# ---- linear_gated_conv1d_step: BaseConv's in_proj and gated conv step in one op --------------------------------
+
+def linear_conv_formula(x, weight, bias, conv_state, conv_weight, norm_weight, eps=1e-5):
+    """(output, advanced state) of BaseConv's in_proj + gated conv step, in float64."""
+    x = x.double()
+    if norm_weight is not None:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
+    u1, u2 = (x @ weight.double().T + (0 if bias is None else bias.double())).chunk(2, dim=-1)
+    state = torch.cat([conv_state.double()[..., 1:], u1[..., None]], dim=-1)
+    conv = (state * conv_weight.double()).sum(-1)
+    return conv * torch.sigmoid(conv) * u2, state
+
+
+def check_linear_conv(B, K, D, taps, dtype, with_bias, with_norm, backend, device, seed=0):
+    """With a norm, x is the blocks' fp32 residual stream and the weights in `dtype`."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    x = randn(B, K, dtype=torch.float32 if with_norm and dtype != torch.float64 else dtype)
+    weight = (randn(2 * D, K) / K**0.5).to(dtype)
+    bias = randn(2 * D, dtype=dtype) if with_bias else None
+    norm = dict(norm_weight=(1 + randn(K).abs()).to(dtype)) if with_norm else {}
+    conv_state, conv_weight = randn(B, D, taps), randn(D, taps, dtype=dtype)
+    expected, expected_state = linear_conv_formula(x, weight, bias, conv_state, conv_weight, norm.get("norm_weight"))
+    out = linear_gated_conv1d_step(x, weight, bias, conv_state, conv_weight, backend=backend, **norm)
+    assert out.shape == (B, D) and out.dtype == dtype
+    assert_close(out, expected, dtype)
+    assert_close(conv_state, expected_state, dtype, "conv state")
+
+
+@pytest.mark.parametrize("B, taps", [(1, 1), (1, 3), (3, 4)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias, with_norm", [(False, False), (True, True), (True, False)])
+def test_linear_gated_conv_reference_matches_formula(B, taps, dtype, with_bias, with_norm):
+    """The torch backend (the reference, also what "auto" takes on CPU and for several rows) at any batch."""
+    check_linear_conv(B, 40, 24, taps, dtype, with_bias, with_norm, "torch", "cpu")
+
+
+@interpreter_only
+@nan_filled
+@pytest.mark.parametrize("K, D", [(16, 24), (63, 130)])
+@pytest.mark.parametrize("taps", [1, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias, with_norm", [(False, False), (True, True)])
+def test_interpreted_linear_gated_conv_matches_formula(K, D, taps, dtype, with_bias, with_norm):
+    """The Triton path (the GEMV kernel with the conv step fused) for one row, in the interpreter."""
+    check_linear_conv(1, K, D, taps, dtype, with_bias, with_norm, "triton", "cpu")
+
+
+@interpreter_only
+def test_interpreted_linear_gated_conv_refuses_several_rows():
+    with pytest.raises(ValueError, match="takes one row"):
+        check_linear_conv(2, 16, 8, 3, torch.float32, False, False, "triton", "cpu")
+
+
+@pytest.mark.gpu
+@needs_triton
+@nan_filled
+@pytest.mark.parametrize("K, D, taps", [(63, 130, 3), (1792, 3584, 3), (1792, 3584, 4), (5000, 300, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias, with_norm", [(False, False), (True, True)])
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_gpu_linear_gated_conv_matches_formula(K, D, taps, dtype, with_bias, with_norm, backend):
+    check_linear_conv(1, K, D, taps, dtype, with_bias, with_norm, backend, "cuda")
+
+
+def _linear_conv_args():
+    """x [1, 8], weight [6, 8] (D = 3), bias [6], conv_state [1, 3, 3], conv_weight [3, 3]."""
+    gen = torch.Generator().manual_seed(0)
+    return dict(x=torch.randn(1, 8, generator=gen), weight=torch.randn(6, 8, generator=gen),
+                bias=torch.randn(6, generator=gen), conv_state=torch.zeros(1, 3, 3), conv_weight=torch.zeros(3, 3))
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (lambda a: dict(x="x"), TypeError, "x must be a torch.Tensor"),
+    (lambda a: dict(x=a["x"][0]), ValueError, "x must have 2 dimensions"),
+    (lambda a: dict(x=a["x"][:0]), ValueError, r"x must be \[B, in_features\] with B, in_features >= 1"),
+    (lambda a: dict(x=a["x"][:, :0], weight=a["weight"][:, :0]), ValueError, "x must be .B, in_features. with"),
+    (lambda a: dict(x=a["x"][:, :3]), ValueError, "must equal weight's in_features"),
+    (lambda a: dict(x=a["x"].double()), TypeError, "must share a dtype"),
+    (lambda a: dict(weight=a["weight"][:5], bias=None), ValueError, "even row count"),
+    (lambda a: dict(weight=a["weight"][:0], bias=None), ValueError, r"weight must have 2 \* D >= 2 rows"),
+    (lambda a: dict(bias=a["bias"][:3]), ValueError, "bias must have shape"),
+    (lambda a: dict(bias=a["bias"].double()), TypeError, "bias must have weight's dtype"),
+    (lambda a: dict(conv_state=torch.zeros(2, 3, 3)), ValueError, r"conv_state must have shape \(1, 3, 3\)"),
+    (lambda a: dict(conv_state=torch.zeros(3, 3)), ValueError, "conv_state must have 3 dimensions"),
+    (lambda a: dict(conv_state=torch.zeros(1, 3, 0), conv_weight=torch.zeros(3, 0)), ValueError, "K >= 1 taps"),
+    (lambda a: dict(conv_state=torch.zeros(1, 3, 3, dtype=torch.int32)), TypeError, "conv_state has dtype int32"),
+    (lambda a: dict(conv_weight=torch.zeros(3, 4)), ValueError, r"conv_weight must have shape \(3, 3\)"),
+    (lambda a: dict(conv_weight=torch.zeros(3, 3, device="meta")), ValueError, "conv_weight on meta"),
+    (lambda a: dict(norm_weight=torch.ones(5)), ValueError, "norm_weight must have shape"),
+    (lambda a: dict(norm_weight=torch.ones(8), norm_eps=-1.0), ValueError, "norm_eps must be"),
+    (lambda a: dict(backend="cudnn"), ValueError, "backend must be one of"),
+    (lambda a: dict(backend="cuda"), ValueError, "linear_gated_conv1d_step has no 'cuda' backend"),
+])
+def test_bad_linear_gated_conv_inputs_raise(change, error, words):
+    args = _linear_conv_args()
+    args.update(change(args))
+    with pytest.raises(error, match=words):
+        linear_gated_conv1d_step(**args)

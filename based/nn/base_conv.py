@@ -7,7 +7,7 @@ from torch import nn
 
 from based.nn._validate import check_cache_batch, check_hidden_states, parameter_placement
 from based.nn.norm import RMSNorm
-from based.nn.projection import project
+from based.nn.projection import project, project_conv_gated
 from based.ops import causal_conv1d, causal_conv1d_step
 from based.ops.linear_attention.state import accumulation_dtype
 
@@ -52,9 +52,9 @@ class BaseConv(nn.Module):
     have biases, the convolution has none. Parameters: `in_proj` `[2 * d_inner, d_model]`, `conv.conv`
     `[d_inner, 1, kernel_size]`, `out_proj` `[d_model, d_inner]`, the released names.
 
-    Decoding: the cache is the last `kernel_size` conv inputs per channel, `[B, d_inner, kernel_size]`
-    fp32, from `layer.new_cache(batch_size)`. A one-token step runs conv, silu and gate as one
-    `gated_conv1d_step` (a single Triton launch on a GPU; at batch 1, inside in_proj's matrix-vector kernel).
+    A mixer in the sense of `based.nn.mixer`. Decoding: the cache is the last `kernel_size` conv inputs per
+    channel, `[B, d_inner, kernel_size]` fp32, from `layer.new_cache(batch_size)`. A one-token step runs in_proj,
+    conv, silu and gate as one `based.ops.linear_gated_conv1d_step`.
     """
 
     def __init__(self, d_model: int, *, expand_proj: int = 4, kernel_size: int = 3, device=None, dtype=None):
@@ -67,19 +67,18 @@ class BaseConv(nn.Module):
         self.conv = ShortConvolution(self.d_inner, kernel_size, device=device, dtype=dtype)
         self.out_proj = nn.Linear(self.d_inner, d_model, device=device, dtype=dtype)
 
-    def new_cache(self, batch_size: int, max_seqlen: int | None = None, *, device=None,
-                  dtype=None) -> torch.Tensor:
-        """Zeros `[batch_size, d_inner, kernel_size]`; the size does not depend on `max_seqlen`."""
+    def new_cache(self, batch_size: int, max_seqlen: int | None = None, *, device=None, dtype=None,
+                  position: torch.Tensor | None = None) -> torch.Tensor:
+        """Zeros `[batch_size, d_inner, kernel_size]`; the size does not depend on `max_seqlen` (and a conv needs
+        no `position`)."""
         device, dtype = parameter_placement(self, device, dtype)
         return torch.zeros(batch_size, self.d_inner, self.conv.kernel_size, device=device,
                            dtype=accumulation_dtype(dtype))
 
     def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None, *, norm: RMSNorm | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
-        """`x` `[B, T, d_model]` -> `[B, T, d_model]`; with `cache`, continue from it and advance it.
-        With `norm`, the layer sees `norm(x)`; with `residual` (x's leading dims, the fp32 stream), it returns
-        `residual +` its output, in the residual's dtype (both fused into its projections' kernels when
-        decoding one token on a GPU)."""
+        """`x` `[B, T, d_model]` -> `[B, T, d_model]`; with `cache`, continue from it and advance it. `norm` and
+        `residual`: see `based.nn.mixer`."""
         check_hidden_states(x, self.d_model)
         if cache is not None:
             if not isinstance(cache, torch.Tensor):
@@ -87,9 +86,8 @@ class BaseConv(nn.Module):
                                 f"got {type(cache).__name__}")
             check_cache_batch(cache.shape[0], x)
         if cache is not None and x.shape[1] == 1:
-            # Decode runs this once per token and layer: the conv step, silu and gate in one launch on a GPU,
-            # in the projection's own kernel at batch 1 (`based.ops.linear` with a conv state).
-            y = project(self.in_proj, x, norm=norm, conv_state=cache, conv_weight=self.conv.weight)
-            return project(self.out_proj, y, residual=residual)
-        u1, u2 = project(self.in_proj, x, norm=norm).split(self.d_inner, dim=-1)
-        return project(self.out_proj, F.silu(self.conv(u1, cache)) * u2, residual=residual)
+            y = project_conv_gated(self.in_proj, x, cache, self.conv.weight, norm=norm)
+        else:
+            u1, u2 = project(self.in_proj, x, norm=norm).split(self.d_inner, dim=-1)
+            y = F.silu(self.conv(u1, cache)) * u2
+        return project(self.out_proj, y, residual=residual)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from based.nn.mixer import Mixer
 from based.nn.mlp import GatedMlp
 from based.nn.norm import RMSNorm
 
@@ -13,16 +14,13 @@ class Block(nn.Module):
 
     The residual is summed in fp32 even when the weights are bf16/fp16 (the released models'
     `residual_in_fp32`); each norm hands the mixer or MLP its input back in the weights' dtype.
-    `mixer` is any module with `forward(x, cache=None, *, norm=None, residual=None)` (returning
-    `residual + mixer(norm(x))`; both optional) and `new_cache(batch_size, max_seqlen)`.
-
-    For a single row (one token of one sequence: batch-1 decoding) the norms are handed to the mixer and the
-    MLP, and the residual adds to their last projections, because there each projection is one matrix-vector
-    kernel that normalises its input and adds the residual itself (`based.ops.linear`): no norm kernels.
-    Several rows take the norm kernel that also does the residual add, one launch for both.
+    `mixer` is a `based.nn.mixer.Mixer`. For a single row (one token of one sequence: batch-1 decoding) the
+    norms and residuals are handed to the mixer and the MLP (the `norm`/`residual` seam described there), so
+    their projections' kernels do them; several rows take the norm kernel that also does the residual add,
+    one launch for both.
     """
 
-    def __init__(self, d_model: int, mixer: nn.Module, mlp: GatedMlp, *, norm_eps: float = 1e-5,
+    def __init__(self, d_model: int, mixer: Mixer, mlp: GatedMlp, *, norm_eps: float = 1e-5,
                  device=None, dtype=None):
         super().__init__()
         self.norm1 = RMSNorm(d_model, norm_eps, device=device, dtype=dtype)

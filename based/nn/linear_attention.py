@@ -21,7 +21,8 @@ class LinearAttention(nn.Module):
     `eps` defaults to the released models' 1e-12: the denominator is a sum of Taylor scores, each
     >= 1/2, so it only matters for exactly-zero inputs.
 
-    Decoding: `cache = layer.new_cache(batch_size)` is a `LinearAttentionState` (fp32, O(1) in the
+    A mixer in the sense of `based.nn.mixer`. Decoding: `cache = layer.new_cache(batch_size)` is a
+    `LinearAttentionState` (fp32, O(1) in the
     sequence length); `layer(x, cache)` continues from it and updates it in place.
     """
 
@@ -38,19 +39,17 @@ class LinearAttention(nn.Module):
         self.proj_v = nn.Linear(d_model, num_heads * self.head_dim, **placement)
         self.out_proj = nn.Linear(num_heads * self.head_dim, d_model, **placement)
 
-    def new_cache(self, batch_size: int, max_seqlen: int | None = None, *, device=None,
-                  dtype=None) -> LinearAttentionState:
-        """An empty recurrent state; its size does not depend on `max_seqlen`."""
+    def new_cache(self, batch_size: int, max_seqlen: int | None = None, *, device=None, dtype=None,
+                  position: torch.Tensor | None = None) -> LinearAttentionState:
+        """An empty recurrent state; its size does not depend on `max_seqlen` (nor does it need `position`)."""
         device, dtype = parameter_placement(self, device, dtype)
         return LinearAttentionState.zeros(batch_size, self.num_heads, self.feature_dim, self.head_dim,
                                           device=device, dtype=accumulation_dtype(dtype))
 
     def forward(self, x: torch.Tensor, cache: LinearAttentionState | None = None, *, norm: RMSNorm | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
-        """`x` `[B, T, d_model]` -> `[B, T, d_model]`; with `cache`, continue from it and advance it.
-        With `norm`, the layer sees `norm(x)`; with `residual` (x's leading dims, the fp32 stream), it returns
-        `residual +` its output, in the residual's dtype (both fused into its projections' kernels when
-        decoding one token on a GPU)."""
+        """`x` `[B, T, d_model]` -> `[B, T, d_model]`; with `cache`, continue from it and advance it. `norm` and
+        `residual`: see `based.nn.mixer`."""
         check_hidden_states(x, self.d_model)
         B, T, _ = x.shape
         q, k, v = project_stacked([self.proj_q, self.proj_k, self.proj_v], x, norm=norm)

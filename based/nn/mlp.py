@@ -22,7 +22,6 @@ class GatedMlp(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *,
                 norm: RMSNorm | None = None) -> torch.Tensor:
-        """`x` `[..., d_model]` -> the MLP output, or `residual +` it (summed in fp32 for an fp32 residual:
-        one fused kernel with the last projection when decoding one token on a GPU). With `norm`, the MLP
-        sees `norm(x)` (fused into fc1's kernel when decoding one token on a GPU)."""
+        """`x` `[..., d_model]` -> `residual + mlp(norm(x))` (each part optional), the contract of the mixers'
+        `norm` and `residual` in `based.nn.mixer`: fused into fc1's and fc2's kernels at batch 1."""
         return project(self.fc2, project(self.fc1, x, norm=norm, gated=True), residual=residual)

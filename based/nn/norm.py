@@ -24,5 +24,10 @@ class RMSNorm(nn.Module):
         residual + x)` from one pass (one kernel on a GPU at inference)."""
         return rms_norm(x, self.weight, self.eps, residual=residual)
 
+    def fused_arguments(self) -> dict:
+        """The keyword arguments (`norm_weight`, `norm_eps`) with which the projection ops apply this norm to
+        their input themselves, inside their batch-1 matrix-vector kernel (`based.nn.mixer`)."""
+        return dict(norm_weight=self.weight, norm_eps=self.eps)
+
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

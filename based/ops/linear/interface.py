@@ -10,8 +10,7 @@ from based.ops.linear.reference import linear_torch, stacked_linear_torch
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            residual: torch.Tensor | None = None, gated: bool = False, norm_weight: torch.Tensor | None = None,
-           norm_eps: float = 1e-5, conv_state: torch.Tensor | None = None, conv_weight: torch.Tensor | None = None,
-           backend: str = "auto") -> torch.Tensor:
+           norm_eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
     """`F.linear(x, weight, bias)`, optionally after an RMSNorm of x and followed by the SwiGLU gate and a
     residual add.
 
@@ -21,12 +20,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     reference rounds it to the weight's dtype).
 
     With `gated`, the weight's first half of rows makes the value and its second half the gate (the layout
-    of `GatedMlp.fc1`), and the result is `value * silu(gate)`. With `conv_state` and `conv_weight` (and not
-    `gated`), the halves are BaseConv's `u1, u2` (its `in_proj`) and the result is one decode step of its gated
-    short conv, `gated_conv1d_step(u1, u2, conv_state, conv_weight)`, which advances `conv_state` in place:
-    the conv, its silu and the gate happen inside the matrix-vector kernel, so a BaseConv token costs two
-    launches. With `residual`, the result is
-    `residual + y`, in the promoted dtype of the two (the blocks' fp32 residual stream).
+    of `GatedMlp.fc1`), and the result is `value * silu(gate)`. (BaseConv's conv gate after its in_proj is
+    `based.ops.linear_gated_conv1d_step`.) With `residual`, the result is `residual + y`, in the promoted dtype
+    of the two (the blocks' fp32 residual stream).
 
     Args:
         x: `[..., in_features]`; fp16, bf16, fp32 (fp64 on the torch backend). Without a norm weight, the
@@ -35,49 +31,34 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         bias: optional `[weight.shape[0]]`, x's dtype.
         residual: optional `[..., out_features]`, x's leading dims.
         norm_weight: optional `[in_features]`, the weight's dtype; `norm_eps` >= 0 goes with it.
-        conv_state: optional `[rows of x, out_features, taps]` (fp32 recommended), with `conv_weight`
-            `[out_features, taps]` in the weight's dtype: see `based.ops.gated_conv1d_step`.
         backend: "auto" (the Triton matrix-vector kernel on CUDA for a single row of x, as a batch-1 decode
             step has, when no gradient is needed; else the reference, cuBLAS plus elementwise ops),
             "torch" or "triton" (one row only, inference only: its output carries no gradient).
 
     Returns:
         `[..., out_features]` in the weight's dtype, or in the promoted dtype of weight and residual with a
-        residual. The Triton kernel accumulates in fp32 and applies bias, gate (or conv gate) and residual before
+        residual. The Triton kernel accumulates in fp32 and applies bias, gate and residual before
         rounding once.
 
     While a CUDA graph is captured on Hopper or newer, the Triton kernel is chained to the kernel before it
     (programmatic dependent launch) and reads its weight tiles before that kernel ends: a weight written
     earlier in the same graph would be read stale. Write weights between replays.
     """
-    _check_input(x, weight, norm_weight, norm_eps)
+    check_linear_input(x, weight, norm_weight, norm_eps)
     if not isinstance(gated, bool):
         raise TypeError(f"gated must be a bool, got {type(gated).__name__}")
-    rows, in_features = weight.shape
+    rows = weight.shape[0]
     if bias is not None:
-        _check_vector_like_weight("bias", bias, rows, weight.dtype)
-    if (conv_state is None) != (conv_weight is None):
-        raise ValueError("conv_state and conv_weight go together: pass both or neither")
-    if conv_state is not None and gated:
-        raise ValueError("gated and conv_state are two different gates: pass one")
-    halves = gated or conv_state is not None
-    if halves and rows % 2:
-        raise ValueError(f"a gated weight stacks value and gate rows, so needs an even row count, got {rows}")
-    out_features = rows // 2 if halves else rows
-    if conv_state is not None:
-        check_tensor("conv_state", conv_state, ndim=3)
-        check_shape("conv_state", conv_state, (x.shape[:-1].numel(), out_features, conv_state.shape[-1]))
-        check_tensor("conv_weight", conv_weight, ndim=2)
-        check_shape("conv_weight", conv_weight, (out_features, conv_state.shape[-1]))
+        check_weight_vector("bias", bias, rows, weight.dtype)
+    out_features = gated_halves(weight) if gated else rows
     if residual is not None:
         check_tensor("residual", residual, ndim=None)
         check_shape("residual", residual, (*x.shape[:-1], out_features))
-    check_same_device(x=x, weight=weight, bias=bias, residual=residual, norm_weight=norm_weight,
-                      conv_state=conv_state, conv_weight=conv_weight)
-    if backend == "auto" and not _kernel_supports(x, weight, bias, residual, norm_weight, conv_state, conv_weight):
+    check_same_device(x=x, weight=weight, bias=bias, residual=residual, norm_weight=norm_weight)
+    if backend == "auto" and not gemv_supports(x, weight, bias, residual, norm_weight):
         backend = "torch"
     impl = resolve_backend("linear", backend, x.device, _implementations())
-    return impl(x, weight, bias, residual, gated, norm_weight, float(norm_eps), conv_state, conv_weight)
+    return impl(x, weight, bias, residual, gated, norm_weight, float(norm_eps))
 
 
 def stacked_linear(x: torch.Tensor, weights, *, norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-5,
@@ -100,17 +81,17 @@ def stacked_linear(x: torch.Tensor, weights, *, norm_weight: torch.Tensor | None
     if not isinstance(weights, (list, tuple)) or not 1 <= len(weights) <= 3:
         raise TypeError(f"weights must be a list or tuple of one to three matrices, got {weights!r:.80}")
     for weight in weights:
-        _check_input(x, weight, norm_weight, norm_eps)
+        check_linear_input(x, weight, norm_weight, norm_eps)
         if weight.dtype != weights[0].dtype:
             raise TypeError(f"weights must share a dtype, got {weights[0].dtype} and {weight.dtype}")
     check_same_device(x=x, norm_weight=norm_weight, **{f"weights[{i}]": w for i, w in enumerate(weights)})
-    if backend == "auto" and not all(_kernel_supports(x, w, None, None, norm_weight, None, None) for w in weights):
+    if backend == "auto" and not all(gemv_supports(x, w, None, None, norm_weight) for w in weights):
         backend = "torch"
     impl = resolve_backend("stacked_linear", backend, x.device, _implementations(stacked=True))
     return impl(x, tuple(weights), norm_weight, float(norm_eps))
 
 
-def _check_input(x, weight, norm_weight, norm_eps) -> None:
+def check_linear_input(x, weight, norm_weight, norm_eps) -> None:
     """x against one weight, and the norm that may come before it."""
     check_tensor("x", x, ndim=None)
     check_tensor("weight", weight, ndim=2)
@@ -120,23 +101,33 @@ def _check_input(x, weight, norm_weight, norm_eps) -> None:
     if norm_weight is None and x.dtype != weight.dtype:
         raise TypeError(f"x and weight must share a dtype, got {x.dtype} and {weight.dtype}")
     if norm_weight is not None:
-        _check_vector_like_weight("norm_weight", norm_weight, in_features, weight.dtype)
+        check_weight_vector("norm_weight", norm_weight, in_features, weight.dtype)
         if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or norm_eps < 0:
             raise ValueError(f"norm_eps must be a number >= 0, got {norm_eps!r}")
 
 
-def _check_vector_like_weight(name: str, tensor: torch.Tensor, size: int, dtype: torch.dtype) -> None:
+def check_weight_vector(name: str, tensor: torch.Tensor, size: int, dtype: torch.dtype) -> None:
+    """A bias or norm weight: `[size]` in the weight's dtype."""
     check_tensor(name, tensor, ndim=1)
     check_shape(name, tensor, (size,))
     if tensor.dtype != dtype:
         raise TypeError(f"{name} must have weight's dtype {dtype}, got {tensor.dtype}")
 
 
-def _kernel_supports(x, weight, bias, residual, norm_weight, conv_state, conv_weight) -> bool:
-    return (not grad_needed(x, weight, bias, residual, norm_weight, conv_weight) and x.numel() == x.shape[-1] > 0
-            and (conv_state is None or conv_state.dtype in KERNEL_DTYPES)
-            and weight.shape[0] > 0 and x.dtype in KERNEL_DTYPES and weight.dtype in KERNEL_DTYPES
-            and (residual is None or residual.dtype in KERNEL_DTYPES))
+def gated_halves(weight: torch.Tensor) -> int:
+    """The rows of each half of a weight that stacks value and gate rows."""
+    rows = weight.shape[0]
+    if rows % 2:
+        raise ValueError(f"a gated weight stacks value and gate rows, so needs an even row count, got {rows}")
+    return rows // 2
+
+
+def gemv_supports(x, weight, bias, residual, norm_weight, *more) -> bool:
+    """Whether "auto" may take the Triton matrix-vector kernel: one row of x, kernel dtypes, no gradient.
+    `more`: further tensors the kernel reads (BaseConv's conv state and weight)."""
+    tensors = (x, weight, bias, residual, norm_weight, *more)
+    return (not grad_needed(*tensors) and x.numel() == x.shape[-1] > 0 and weight.shape[0] > 0
+            and all(t is None or t.dtype in KERNEL_DTYPES for t in tensors))
 
 
 def _implementations(stacked: bool = False):

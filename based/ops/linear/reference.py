@@ -6,24 +6,16 @@ import torch
 import torch.nn.functional as F
 
 from based.ops.rms_norm.reference import rms_norm_torch
-from based.ops.short_conv.reference import gated_conv1d_step_torch
 
 
-def linear_torch(x, weight, bias, residual, gated: bool, norm_weight=None, norm_eps: float = 1e-5, conv_state=None,
-                 conv_weight=None):
+def linear_torch(x, weight, bias, residual, gated: bool, norm_weight=None, norm_eps: float = 1e-5):
     """`y = x @ weight.T + bias`, x first replaced by `rms_norm(x, norm_weight, norm_eps)` when a norm weight is
-    given; gated: `value * silu(gate)` with `value, gate = y.chunk(2)`; with a conv state instead,
-    `gated_conv1d_step(value, gate, conv_state, conv_weight)`; then `residual + y` in the residual's dtype when a
-    residual is given."""
+    given; gated: `value * silu(gate)` with `value, gate = y.chunk(2)`; then `residual + y` in the residual's
+    dtype when a residual is given."""
     if norm_weight is not None:
         x = rms_norm_torch(x, norm_weight, norm_eps, None)[0]
     y = F.linear(x, weight, bias)
-    if conv_state is not None:
-        value, gate = y.chunk(2, dim=-1)
-        rows = conv_state.shape[0], value.shape[-1]
-        y = gated_conv1d_step_torch(value.reshape(rows), gate.reshape(rows), conv_state, conv_weight,
-                                    None).view(value.shape)
-    elif gated:
+    if gated:
         value, gate = y.chunk(2, dim=-1)
         y = value * F.silu(gate)
     if residual is None:

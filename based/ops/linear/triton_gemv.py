@@ -39,6 +39,7 @@ from torch import Tensor
 from based.ops._backend import chain_options
 from based.ops._layout import unit_stride
 from based.ops._triton import let_next_kernel_start, wait_for_previous_kernel
+from based.ops.short_conv.triton_common import conv_step
 
 # (rows per program, columns loaded before the wait, K per later iteration, warps); a gated program takes half
 # the rows of each half. A short matrix's programs load their whole rows (K <= 4096) before waiting. A tall
@@ -61,24 +62,6 @@ def _input_tile(x, norm_weight, b_rstd, o_k, m_k, NORM: tl.constexpr):
     if NORM:
         b_x = b_x * b_rstd * tl.load(norm_weight + o_k, mask=m_k, other=0.0).to(tl.float32)
     return b_x
-
-
-@triton.jit
-def _conv_step(b_u, o_n, m_n, conv_state, conv_weight, KS, stride_sd, stride_sk, stride_cd, stride_ck,
-               BKS: tl.constexpr):
-    """One causal-conv step per row: shift the row's taps left, append `b_u` (cast to the state's dtype, as
-    `gated_conv1d_step` does), store them, return their dot with the conv weight in fp32."""
-    o_t = tl.arange(0, BKS)
-    m_t = m_n[:, None] & (o_t < KS)[None, :]
-    p_s = conv_state + o_n[:, None] * stride_sd + o_t[None, :] * stride_sk
-    b_older = tl.load(p_s + stride_sk, mask=m_n[:, None] & (o_t < KS - 1)[None, :], other=0.0)
-    b_new = b_u.to(conv_state.dtype.element_ty)[:, None]
-    b_s = tl.where((o_t == KS - 1)[None, :], b_new, b_older)
-    # A row's taps may sit in different threads: every old tap must be read before any is overwritten.
-    tl.debug_barrier()
-    tl.store(p_s, b_s, mask=m_t)
-    b_cw = tl.load(conv_weight + o_n[:, None] * stride_cd + o_t[None, :] * stride_ck, mask=m_t, other=0.0)
-    return tl.sum(b_s.to(tl.float32) * b_cw.to(tl.float32), 1)
 
 
 @triton.jit
@@ -143,8 +126,8 @@ def _gemv_kernel(x, norm_weight, w, w1, w2, bias, residual, y, conv_state, conv_
         if HAS_BIAS:
             b_gate += tl.load(bias + N + o_n, mask=m_n, other=0.0).to(tl.float32)
         if CONV:
-            b_y = _conv_step(b_y, o_n, m_n, conv_state, conv_weight, KS, stride_sd, stride_sk, stride_cd, stride_ck,
-                             BKS)
+            b_y = conv_step(b_y, conv_state + o_n * stride_sd, conv_weight + o_n * stride_cd, m_n, stride_sk,
+                            stride_ck, KS, BKS)
             b_y = b_y * tl.sigmoid(b_y) * b_gate
         else:
             b_y = b_y * b_gate * tl.sigmoid(b_gate)
@@ -213,11 +196,17 @@ def _kernel_inputs(x, weights) -> tuple[list, bool]:
     return [w.contiguous() for w in weights], False
 
 
-def linear_triton(x, weight, bias, residual, gated: bool, norm_weight, norm_eps: float, conv_state, conv_weight):
+def linear_triton(x, weight, bias, residual, gated: bool, norm_weight, norm_eps: float):
     """Same contract as `reference.linear_torch` for a single row of x (x.numel() == in_features)."""
     (weight,), chain = _kernel_inputs(x, [weight])
-    return _gemv_op(x, norm_weight, norm_eps, weight, [], bias, residual, gated or conv_state is not None,
-                    conv_state, conv_weight, chain)
+    return _gemv_op(x, norm_weight, norm_eps, weight, [], bias, residual, gated, None, None, chain)
+
+
+def linear_gated_conv1d_step_triton(x, weight, bias, conv_state, conv_weight, norm_weight, norm_eps: float):
+    """Same contract as `based.ops.short_conv.reference.linear_gated_conv1d_step_torch` for a single row of x, in
+    the one launch of the in_proj's matrix-vector product."""
+    (weight,), chain = _kernel_inputs(x, [weight])
+    return _gemv_op(x, norm_weight, norm_eps, weight, [], bias, None, True, conv_state, conv_weight, chain)
 
 
 def stacked_linear_triton(x, weights, norm_weight, norm_eps: float):

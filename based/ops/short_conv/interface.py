@@ -7,7 +7,9 @@ from based.ops._backend import resolve_backend, triton_available
 from based.ops._validate import (
     KERNEL_DTYPES, check_bool, check_dims_match, check_same_device, check_shape, check_tensor,
 )
-from based.ops.short_conv.reference import causal_conv1d_step_torch, causal_conv1d_torch, gated_conv1d_step_torch
+from based.ops.linear.interface import check_linear_input, check_weight_vector, gated_halves, gemv_supports
+from based.ops.short_conv.reference import (causal_conv1d_step_torch, causal_conv1d_torch, gated_conv1d_step_torch,
+                                            linear_gated_conv1d_step_torch)
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -94,6 +96,70 @@ def gated_conv1d_step(x: torch.Tensor, gate: torch.Tensor, conv_state: torch.Ten
     impl = resolve_backend("gated_conv1d_step", _auto_step_backend(backend, x), x.device,
                            _step_implementations(gated=True))
     return impl(x, gate, conv_state, weight, bias)
+
+
+def linear_gated_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             conv_state: torch.Tensor, conv_weight: torch.Tensor, *,
+                             norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-5,
+                             backend: str = "auto") -> torch.Tensor:
+    """One decode step of BaseConv from its input to its gated conv: `gated_conv1d_step(u1, u2, conv_state,
+    conv_weight)` with `u1, u2 = F.linear(norm(x), weight, bias).chunk(2, -1)` (BaseConv's in_proj), where
+    `norm` is `rms_norm(., norm_weight, norm_eps)` when a norm weight is given (the block's pre-norm) and the
+    identity otherwise.
+
+    Advances `conv_state` **in place** as `causal_conv1d_step` does. No host syncs, so the step can be
+    captured in a CUDA graph. It exists so that a batch-1 BaseConv token costs two launches: the Triton
+    matrix-vector kernel of the in_proj normalises x, and the program that owns channel c computes `u1[c]` and
+    `u2[c]`, advances channel c's conv state and applies silu and the gate, all in registers.
+
+    Args:
+        x: `[B, in_features]`; fp16, bf16, fp32 (fp64 on the torch backend). The weight's dtype, or any of
+            these with a norm weight (the blocks pass their fp32 residual stream).
+        weight: `[2 * D, in_features]`, the `u1` rows then the `u2` rows (BaseConv's in_proj).
+        bias: `[2 * D]` in the weight's dtype, or None.
+        conv_state: `[B, D, K]`, the last K conv inputs, oldest first (fp32 recommended; `u1` is cast to it).
+        conv_weight: `[D, K]`.
+        norm_weight: optional `[in_features]`, the weight's dtype; `norm_eps` >= 0 goes with it.
+        backend: "auto" (the Triton matrix-vector kernel on CUDA for one row of x, B == 1, when no gradient is
+            needed; else the reference), "torch" (`based.ops.linear` then `gated_conv1d_step`, each a reference)
+            or "triton" (one row only, inference only; the normalised x, products, conv and gate stay in fp32
+            until the single rounding of the output).
+
+    Returns:
+        `silu(conv(u1)) * u2` `[B, D]` in the weight's dtype.
+
+    Raises:
+        ValueError: a shape that does not fit the above (an odd number of weight rows, any empty dimension),
+            tensors on different devices, a negative norm_eps, or "triton" for several rows.
+        TypeError: a non-tensor argument, an unsupported dtype, or x, bias or norm_weight in a dtype the
+            weight does not allow.
+    """
+    check_tensor("x", x, ndim=2)
+    check_linear_input(x, weight, norm_weight, norm_eps)
+    if 0 in x.shape:
+        raise ValueError(f"x must be [B, in_features] with B, in_features >= 1, got shape {tuple(x.shape)}")
+    D = gated_halves(weight)
+    if D == 0:
+        raise ValueError(f"weight must have 2 * D >= 2 rows, got shape {tuple(weight.shape)}")
+    if bias is not None:
+        check_weight_vector("bias", bias, 2 * D, weight.dtype)
+    check_tensor("conv_state", conv_state, ndim=3)
+    check_shape("conv_state", conv_state, (x.shape[0], D, conv_state.shape[-1]))
+    if conv_state.shape[-1] == 0:
+        raise ValueError(f"conv_state must have K >= 1 taps, got shape {tuple(conv_state.shape)}")
+    check_tensor("conv_weight", conv_weight, ndim=2)
+    check_shape("conv_weight", conv_weight, (D, conv_state.shape[-1]))
+    check_same_device(x=x, weight=weight, bias=bias, conv_state=conv_state, conv_weight=conv_weight,
+                      norm_weight=norm_weight)
+    if backend == "auto" and not gemv_supports(x, weight, bias, None, norm_weight, conv_state, conv_weight):
+        backend = "torch"
+    impls = {"torch": linear_gated_conv1d_step_torch}
+    if triton_available():
+        from based.ops.linear import triton_gemv  # noqa: PLC0415 (needs triton)
+
+        impls["triton"] = triton_gemv.linear_gated_conv1d_step_triton
+    impl = resolve_backend("linear_gated_conv1d_step", backend, x.device, impls)
+    return impl(x, weight, bias, conv_state, conv_weight, norm_weight, float(norm_eps))
 
 
 def _check_step(x, conv_state, weight, bias) -> None:

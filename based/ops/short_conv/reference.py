@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from based.ops.linear.reference import linear_torch
 from based.ops.linear_attention.state import accumulation_dtype
 
 
@@ -43,3 +44,10 @@ def causal_conv1d_step_torch(x, conv_state, weight, bias):
 def gated_conv1d_step_torch(x, gate, conv_state, weight, bias):
     # y is rounded to x's dtype before the gate, as BaseConv's parallel path rounds the conv output.
     return F.silu(causal_conv1d_step_torch(x, conv_state, weight, bias)) * gate
+
+
+def linear_gated_conv1d_step_torch(x, weight, bias, conv_state, conv_weight, norm_weight, norm_eps: float):
+    """BaseConv's in_proj then its gated conv step: `gated_conv1d_step(u1, u2, ...)` with
+    `u1, u2 = linear(x, weight, bias, norm_weight=...).chunk(2)`."""
+    u1, u2 = linear_torch(x, weight, bias, None, False, norm_weight, norm_eps).chunk(2, dim=-1)
+    return gated_conv1d_step_torch(u1, u2, conv_state, conv_weight, None)

@@ -18,6 +18,7 @@ from torch import Tensor
 from based.ops._backend import chain_options
 from based.ops._triton import let_next_kernel_start, wait_for_previous_kernel
 from based.ops._validate import check_kernel_dtype
+from based.ops.short_conv.triton_common import conv_step
 
 CHANNELS_PER_BLOCK = 128
 NUM_WARPS = 4
@@ -34,21 +35,10 @@ def _step_kernel(
     wait_for_previous_kernel(PDL)
     i_b, i_d = tl.program_id(0), tl.program_id(1)
     o_d = i_d * BD + tl.arange(0, BD)
-    o_k = tl.arange(0, BK)
     m_d = o_d < D
-    m_dk = m_d[:, None] & (o_k < K)[None, :]
-    p_state = conv_state + i_b * stride_sb + o_d[:, None] * stride_sd + o_k[None, :] * stride_sk
-    # Cast before use, so the output reads exactly the value the state keeps (as the reference does).
-    b_x = tl.load(x + i_b * stride_xb + o_d * stride_xd, mask=m_d, other=0.0).to(conv_state.dtype.element_ty)
-    # Tap k takes the input tap k + 1 held; the newest tap takes x.
-    b_older = tl.load(p_state + stride_sk, mask=m_d[:, None] & (o_k < K - 1)[None, :], other=0.0)
-    b_state = tl.where((o_k == K - 1)[None, :], b_x[:, None], b_older)
-    # A channel's taps may sit in different threads: every old tap must be read before any is overwritten.
-    tl.debug_barrier()
-    tl.store(p_state, b_state, mask=m_dk)
-
-    b_w = tl.load(weight + o_d[:, None] * stride_wd + o_k[None, :] * stride_wk, mask=m_dk, other=0.0)
-    b_y = tl.sum(b_state.to(tl.float32) * b_w.to(tl.float32), axis=1)
+    b_x = tl.load(x + i_b * stride_xb + o_d * stride_xd, mask=m_d, other=0.0)
+    b_y = conv_step(b_x, conv_state + i_b * stride_sb + o_d * stride_sd, weight + o_d * stride_wd, m_d, stride_sk,
+                    stride_wk, K, BK)
     if HAS_BIAS:
         b_y += tl.load(bias + o_d * stride_bias, mask=m_d, other=0.0).to(tl.float32)
     if GATED:
