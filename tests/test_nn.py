@@ -232,6 +232,26 @@ def test_cache_shapes_and_dtypes():
 
 
 @pytest.mark.parametrize("name", ["linear_attention", "sliding_window_5", "base_conv"])
+@torch.no_grad()
+def test_a_shared_position_is_read_but_left_to_its_owner(name):
+    """The Mixer protocol's `position`: a mixer that tracks positions reads the shared tensor and does not advance
+    it (its owner does, once per step for all layers); given none, it keeps and advances its own. Mixers that need
+    no position take the argument and ignore it. Decoding with the shared position advanced by hand matches the
+    layer's own bookkeeping."""
+    torch.manual_seed(0)
+    layer = randomized(LAYERS[name]())
+    x = torch.randn(1, 6, D_MODEL)
+    position = torch.zeros((), dtype=torch.int64)
+    shared, own = layer.new_cache(1, 6, position=position), layer.new_cache(1, 6)
+    for chunk in (x[:, :4], x[:, 4:5], x[:, 5:]):
+        assert torch.equal(layer(chunk, shared), layer(chunk, own))
+        position.add_(chunk.shape[1])
+    if isinstance(shared, SlidingWindowCache):
+        assert shared.position is position and not shared.advance
+        assert own.advance and int(own.position) == 6
+
+
+@pytest.mark.parametrize("name", ["linear_attention", "sliding_window_5", "base_conv"])
 def test_bad_inputs(name):
     layer = LAYERS[name]()
     with pytest.raises(ValueError, match="x must have shape"):

@@ -39,15 +39,6 @@ class ModelCache:
         return [leaf for leaf in tree_leaves(self.layers) if isinstance(leaf, torch.Tensor)]
 
 
-def share_position(layer_cache, position: torch.Tensor):
-    """A layer cache that keeps a position (sliding-window, KV cache) made to read the model's, which the model
-    advances once per step: one launch per such layer saved, and one break in the chain of a decode graph's
-    kernels (`_backend.chained_launch`), whose next GEMV could otherwise not load its weights early."""
-    if hasattr(layer_cache, "position"):
-        return layer_cache._replace(position=position, advance=False)
-    return layer_cache
-
-
 class TokenEmbeddings(nn.Module):
     """Holds `word_embeddings`, the name the released checkpoints use."""
 
@@ -138,8 +129,11 @@ class CausalLM(nn.Module):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         position = torch.zeros((), dtype=torch.int64, device=self.device)
-        layers = [share_position(layer.new_cache(batch_size, max_seqlen, device=self.device, dtype=self.dtype),
-                                 position) for layer in self.transformer.layers]
+        # The layers that track the position read this one, which forward advances once per call: one launch
+        # per such layer saved, and one break fewer in the chain of a decode graph's kernels
+        # (`_backend.chained_launch`), whose next GEMV could otherwise not load its weights early.
+        layers = [layer.new_cache(batch_size, max_seqlen, device=self.device, dtype=self.dtype, position=position)
+                  for layer in self.transformer.layers]
         return ModelCache(layers, position, max_seqlen, batch_size)
 
     def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:

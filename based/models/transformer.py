@@ -16,10 +16,7 @@ from torch import nn
 
 from based.models.config import TransformerConfig
 from based.models.lm import CausalLM
-from based.nn._validate import check_cache_batch, check_cache_type, check_hidden_states, parameter_placement
-from based.nn.norm import RMSNorm
-from based.nn.projection import project
-from based.nn.rotary import rotated_qkv
+from based.nn.attention import RotaryAttention
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -65,43 +62,28 @@ class KVCache(NamedTuple):
     position: torch.Tensor
     advance: bool = True
 
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[0]
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal attention with RoPE on the full head dim; `Wqkv` (q | k | v) and `out_proj`, no biases."""
 
-    def __init__(self, d_model: int, *, num_heads: int, rotary_base: float = 10000.0, device=None, dtype=None):
-        super().__init__()
-        if d_model % num_heads:
-            raise ValueError(f"d_model ({d_model}) must be a multiple of num_heads ({num_heads})")
-        self.d_model, self.num_heads, self.rotary_base = d_model, num_heads, rotary_base
-        self.head_dim = d_model // num_heads
-        self.Wqkv = nn.Linear(d_model, 3 * d_model, bias=False, device=device, dtype=dtype)
-        self.out_proj = nn.Linear(d_model, d_model, bias=False, device=device, dtype=dtype)
+class CausalSelfAttention(RotaryAttention):
+    """Multi-head causal attention: a `RotaryAttention` over every earlier token, decoding into a static KV cache
+    of `max_seqlen` positions."""
 
-    def new_cache(self, batch_size: int, max_seqlen: int, *, device=None, dtype=None) -> KVCache:
-        device, dtype = parameter_placement(self, device, dtype)
+    cache_type = KVCache
+
+    def cache_tensors(self, batch_size: int, max_seqlen: int | None, device, dtype) -> tuple[torch.Tensor, ...]:
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
+            raise ValueError(f"max_seqlen must be an int >= 1 (the KV cache's length), got {max_seqlen!r}")
         shape = (batch_size, max_seqlen, self.num_heads, self.head_dim)
-        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
-                       torch.zeros((), dtype=torch.int64, device=device))
+        return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, *, norm: RMSNorm | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-        """`x` `[B, T, d_model]` -> `[B, T, d_model]`; with `cache`, continue from it and advance it. `norm` and
-        `residual` as for the Based mixers (`based.nn.BaseConv.forward`)."""
-        check_hidden_states(x, self.d_model)
-        B, T, _ = x.shape
-        if cache is not None:
-            check_cache_type(cache, KVCache, "CausalSelfAttention")
-            check_cache_batch(cache.k.shape[0], x)
-        start = None if cache is None else cache.position
-        q, k, v = rotated_qkv(project(self.Wqkv, x, norm=norm), self.num_heads, start, self.rotary_base)
-        if cache is None:
-            o = causal_attention(q, k, v)
-        else:
-            o = cached_attention(q, k.to(cache.k.dtype), v.to(cache.v.dtype), cache)
-            if cache.advance:
-                cache.position.add_(T)
-        return project(self.out_proj, o.reshape(B, T, self.d_model), residual=residual)
+    def attend(self, q, k, v):
+        return causal_attention(q, k, v)
+
+    def attend_cached(self, q, k, v, cache: KVCache):
+        return cached_attention(q, k.to(cache.k.dtype), v.to(cache.v.dtype), cache)
 
 
 def _use_flash_attn(q: torch.Tensor) -> bool:

@@ -28,9 +28,10 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(d_model, norm_eps, device=device, dtype=dtype)
         self.mlp = mlp
 
-    def new_cache(self, batch_size: int, max_seqlen: int, *, device=None, dtype=None):
-        """The mixer's decode cache (the MLP and norms keep no state)."""
-        return self.mixer.new_cache(batch_size, max_seqlen, device=device, dtype=dtype)
+    def new_cache(self, batch_size: int, max_seqlen: int, *, device=None, dtype=None,
+                  position: torch.Tensor | None = None):
+        """The mixer's decode cache (the MLP and norms keep no state); `position` as in `based.nn.mixer`."""
+        return self.mixer.new_cache(batch_size, max_seqlen, device=device, dtype=dtype, position=position)
 
     def forward(self, residual: torch.Tensor, cache=None) -> torch.Tensor:
         """`residual` `[B, T, d_model]` (any float dtype; summed in at least fp32) -> the updated residual."""
