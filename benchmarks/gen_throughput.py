@@ -3,7 +3,7 @@
 Each model first prefills one random prompt of `--prompt-len` tokens (batch 1, timed: the prefill rate). For
 each batch size its caches are then copied to every row of a batch (decoding cost does not depend on what the
 tokens are) and the model greedily decodes `--gen-len` tokens from them, one step per token, with the same
-`DecodeStep` that `model.generate` uses: over static caches, replayed from a CUDA graph on a GPU unless
+`DecodeSession` that `model.generate` uses: over static caches, replayed from a CUDA graph on a GPU unless
 `--no-cuda-graph`. tokens/s = batch * gen_len / decode time (median of `--repeats` runs, each from a fresh
 copy of the prefilled caches, after the graph is captured). So the throughput is that of generation at a
 context of prompt_len..prompt_len + gen_len, as in the BASED paper, not diluted by the prompt's prefill,
@@ -31,7 +31,7 @@ import torch
 from _common import (DTYPES, attention_kernel, banner, check_out_path, copy_bandwidth, default_device, dtype_name,
                      environment, format_table, median_seconds, synchronize, write_results)
 
-from based.generation import DecodeStep
+from based.generation import DecodeSession
 from based.models import BasedConfig, BasedLM, Transformer, TransformerConfig
 from based.ops.linear_attention.interface import step_backend
 
@@ -85,7 +85,7 @@ def prefill(model, args):
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(args.device)
     model(prompt, cache=model.new_cache(1, args.prompt_len))
-    cache = model.new_cache(1, args.prompt_len + args.gen_len + DecodeStep.steps_before_replay())
+    cache = model.new_cache(1, args.prompt_len + args.gen_len + DecodeSession.steps_before_replay())
     synchronize(args.device)
     start = time.perf_counter()
     logits = model(prompt, cache=cache)
@@ -101,37 +101,30 @@ def decode(model, batch: int, prefilled, args) -> tuple[float, float | None] | N
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(args.device)
     try:
-        cache = model.new_cache(batch, source.max_seqlen)
+        session = model.decode_session(batch, source.max_seqlen, cuda_graph=on_gpu and not args.no_cuda_graph)
 
         def refill():  # every cache leaf has the batch first (positions are 0-dim): broadcast row 0
-            for dst, src in zip(cache.layer_tensors(), source.layer_tensors()):
-                dst.copy_(src)
-            cache.position.copy_(source.position)
+            session.cache.copy_(source)
 
         refill()
-        step = DecodeStep(model, cache, use_graph=on_gpu and not args.no_cuda_graph)
         first = first_token.expand(batch).contiguous()
 
         def generate_tokens(steps: int) -> None:
             token = first
             for _ in range(steps):
-                token = step(token, greedy)
+                token = session.step(token).argmax(-1)
 
-        generate_tokens(DecodeStep.steps_before_replay())  # eager warm-up and capture, untimed
+        generate_tokens(DecodeSession.steps_before_replay())  # eager warm-up and capture, untimed
         seconds = median_seconds(lambda: generate_tokens(args.gen_len), args.device, warmup=0,
                                  repeats=args.repeats, setup=refill)
     except torch.cuda.OutOfMemoryError:
         return None
     finally:
         peak_mb = torch.cuda.max_memory_allocated(args.device) / 2**20 if on_gpu else None
-        cache = step = None
+        session = None
         if on_gpu:
             torch.cuda.empty_cache()
     return seconds, peak_mb
-
-
-def greedy(logits: torch.Tensor) -> torch.Tensor:
-    return logits.argmax(-1)
 
 
 def plot(path: str, rows: list[dict], title: str) -> None:

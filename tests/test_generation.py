@@ -123,17 +123,64 @@ def test_bad_inputs(kind):
         with pytest.raises(error, match=message):
             model.generate(call.pop("input_ids"), call.pop("max_new_tokens"), **call)
 
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_a_reused_session_gives_the_tokens_of_fresh_calls(kind):
+    """One session, several generate calls of different lengths (the caches reset in place between them): the
+    same tokens as one-call model.generate, whose session is not kept: nothing new stays on the model."""
+    model = tiny_model(kind)
+    first, second = prompts(), prompts(length=3)
+    attributes = set(vars(model))
+    expected_first, expected_second = model.generate(first, 8), model.generate(second, 12)
+    assert set(vars(model)) == attributes, "model.generate keeps nothing on the model"
+    session = model.decode_session(3, 15)
+    assert torch.equal(session.generate(first, 8), expected_first)
+    assert torch.equal(session.generate(second, 12), expected_second)
+    assert torch.equal(session.generate(first, 8), expected_first)
+    assert session.cache.consumed == 7 + 8 - 1, "the last sampled token is not fed back"
+
+
+def test_a_based_session_decodes_past_its_max_seqlen():
+    """Based's caches do not grow: a session made for 4 tokens generates 7 + 9 (Transformer sessions refuse)."""
+    model = tiny_model("based")
+    prompt = prompts()
+    assert torch.equal(model.decode_session(3, 4).generate(prompt, 9), model.generate(prompt, 9))
+    with pytest.raises(ValueError, match="do not fit the session's max_seqlen 4"):
+        tiny_model("transformer").decode_session(3, 4).generate(prompt, 9)
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_bad_session_arguments(kind):
+    model = tiny_model(kind)
+    with pytest.raises(TypeError, match="chained must be a bool"):
+        model.decode_session(3, 20, chained=None)
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA model"):
+        model.decode_session(3, 20, cuda_graph=True)
+    with pytest.raises(ValueError, match="max_seqlen must be >= 1"):
+        model.decode_session(3, 0)
+    session = model.decode_session(3, 20)
+    with pytest.raises(ValueError, match="input_ids has batch size 2 but the session holds 3"):
+        session.generate(prompts(batch=2), 4)
+    with pytest.raises(ValueError, match=r"\[0, 100\)"):
+        session.generate(prompts() + VOCAB, 4)
+    model.double()  # new parameter tensors: a captured graph would read the old ones
+    with pytest.raises(ValueError, match="parameters were replaced"):
+        session.generate(prompts(), 4)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", CONFIGS)
 def test_cuda_graph_decoding_on_gpu(kind):
+    """Graph replay, chained (programmatic dependent launch on Hopper) or not, gives the eager greedy tokens,
+    in one call and from a reused session (whose second call replays the graph captured by the first)."""
     model = tiny_model(kind, device="cuda")
     prompt = prompts(device="cuda")
-    with_graph = model.generate(prompt, 16, cuda_graph=True)
-    assert torch.equal(with_graph, model.generate(prompt, 16, cuda_graph=False))
-    assert_greedy(model, prompt, with_graph)
-    # The second call of a shape replays the kept graph over re-zeroed caches.
-    assert torch.equal(model.generate(prompt, 16, cuda_graph=True), with_graph)
-    half = model.to(torch.bfloat16)  # new weight tensors: the kept graph must not be replayed
+    eager = model.generate(prompt, 16, cuda_graph=False)
+    assert_greedy(model, prompt, eager)
+    assert torch.equal(model.generate(prompt, 16, cuda_graph=True), eager)
+    for chained in (True, False):
+        session = model.decode_session(3, 7 + 16, cuda_graph=True, chained=chained)
+        assert torch.equal(session.generate(prompt, 16), eager), f"chained={chained}"
+        assert torch.equal(session.generate(prompt, 16), eager), f"chained={chained}, replayed"
+    half = model.to(torch.bfloat16)
     half_graph = half.generate(prompt, 16)
     assert torch.equal(half_graph, half.generate(prompt, 16, cuda_graph=False))
-    assert torch.equal(half.generate(prompt, 16), half_graph)

@@ -207,14 +207,68 @@ def test_bad_inputs(kind):
     with pytest.raises(ValueError, match="batch size 4"):
         model(torch.zeros(2, 3, dtype=torch.int64), cache=model.new_cache(4, 10))
     cache = model.new_cache(2, 10)
-    model(torch.zeros(2, 8, dtype=torch.int64), cache=cache)
-    with pytest.raises(ValueError, match="max_seqlen 10"):
-        model(torch.zeros(2, 3, dtype=torch.int64), cache=cache)
     with pytest.raises(ValueError, match="max_seqlen must be >= 1"):
         model.new_cache(2, 0)
     with pytest.raises(TypeError, match="batch_size must be an int"):
         model.new_cache(2.0, 5)
     assert isinstance(cache, ModelCache)
+
+
+@pytest.mark.parametrize("kind", TINY)
+@pytest.mark.parametrize("bad_id", [VOCAB, 103, 104, 10**6, -1])  # 103: a padding row; 104: past the padding
+def test_ids_outside_the_vocabulary_raise(kind, bad_id):
+    """Padding rows of the embedding (ids in [vocab_size, padded_vocab_size)) are no tokens either: forward
+    names input_ids and the valid range instead of returning logits or raising IndexError."""
+    model = tiny_model(kind)
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    ids[1, 3] = bad_id
+    with pytest.raises(ValueError, match=rf"input_ids must lie in \[0, {VOCAB}\)"):
+        model(ids)
+    cache = model.new_cache(2, 10)
+    with pytest.raises(ValueError, match=rf"input_ids must lie in \[0, {VOCAB}\)"):
+        model(ids[:, 3:4], cache=cache)
+    assert int(cache.position) == 0 and cache.consumed == 0, "nothing consumed by a rejected call"
+
+
+@torch.no_grad()
+def test_compiled_forward_has_no_graph_break():
+    """The id-range check is skipped while torch.compile traces (it would need a host read of the ids)."""
+    model = tiny_model("based")
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    assert_close(compiled(ids), model(ids), torch.float32)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+@torch.no_grad()
+def test_transformer_decoding_past_max_seqlen_raises(chunk):
+    """Its KV cache is max_seqlen long: one token (or a chunk) too many is a ValueError, before anything is
+    written, checked on the host count (`ModelCache.consumed`) rather than by reading the device position."""
+    model = tiny_model("transformer")
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    cache = model.new_cache(2, 10)
+    model(ids[:, :9], cache=cache)
+    model(ids[:, 9:10], cache=cache)
+    assert cache.consumed == 10
+    with pytest.raises(ValueError, match="cache holds 10 of max_seqlen 10 tokens"):
+        model(ids[:, 10:10 + chunk], cache=cache)
+    assert int(cache.position) == 10 and cache.consumed == 10
+
+
+@torch.no_grad()
+def test_based_decodes_past_max_seqlen():
+    """Based's state does not grow and its sliding-window ring is `window` long: max_seqlen sizes nothing,
+    so decoding (one token at a time and in chunks) runs past it and still matches the parallel forward."""
+    model = tiny_model("based")
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
+    cache = model.new_cache(2, 4)
+    chunks = [3, 1, 1, 6, 1, 1, 8]
+    logits, start = [], 0
+    for length in chunks:
+        logits.append(model(ids[:, start:start + length], cache=cache))
+        start += length
+    assert cache.consumed == int(cache.position) == 21 - 1
+    assert_close(torch.cat(logits, dim=1), model(ids), torch.float32)
 
 
 def test_model_needs_its_own_config_class():

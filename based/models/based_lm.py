@@ -14,7 +14,8 @@ class BasedLM(CausalLM):
     State-dict keys are the released checkpoints': `transformer.embeddings.word_embeddings.weight`,
     `transformer.layers.{i}.{norm1,norm2,mixer,mlp}.*`, `transformer.ln_f.weight`, `lm_head.weight`.
     Decoding keeps O(1) state per layer in the sequence length: linear-attention sums, a ring buffer of
-    `window` keys and values, and the last `conv_kernel_size` conv inputs.
+    `window` keys and values, and the last `conv_kernel_size` conv inputs. So decoding is unbounded: a cache
+    made for `max_seqlen` tokens consumes any number of them (prompt chunks and single tokens alike).
     """
 
     config_class = BasedConfig

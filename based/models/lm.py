@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from based.generation import check_input_ids, generate
+from based.generation import DecodeSession, check_input_ids, check_token_range
 from based.models.checkpoint import load_pretrained, save_pretrained
 from based.nn import Block, GatedMlp, RMSNorm
 from based.nn.projection import project
@@ -25,16 +25,44 @@ class ModelCache:
     layers:     one cache per layer (whatever that layer's mixer keeps), advanced in place.
     position:   0-dim int64 tensor on the model's device: how many tokens have been consumed. Kept on
                 the device and advanced in place so a decode step can be captured in a CUDA graph.
-    max_seqlen: the most tokens this cache may consume (the Transformer's KV cache is that long).
+    max_seqlen: the size the cache was made for.
     batch_size: the number of sequences it holds.
+    bounded:    whether `max_seqlen` is a hard limit (the Transformer's KV cache is that long); Based's
+                caches do not grow with the sequence, so it may consume any number of tokens.
+    consumed:   the same count as `position`, kept on the host so the limit is checked without reading the
+                device. The model's forward advances it, except while a CUDA graph is captured (the captured
+                step consumes nothing until replayed: whoever replays it calls `consume`) or compiled.
     """
 
     layers: list
     position: torch.Tensor
     max_seqlen: int
     batch_size: int
+    bounded: bool
+    consumed: int = 0
 
-    def layer_tensors(self) -> list[torch.Tensor]:
+    def consume(self, count: int) -> None:
+        """Count `count` more tokens; ValueError, before anything is written, when a bounded cache has no room."""
+        if self.bounded and self.consumed + count > self.max_seqlen:
+            raise ValueError(f"cache holds {self.consumed} of max_seqlen {self.max_seqlen} tokens; {count} more "
+                             f"do not fit (make the cache with a larger max_seqlen)")
+        self.consumed += count
+
+    def reset(self) -> None:
+        """Back to empty, in place (the tensors keep their addresses, so a graph captured over them stays valid)."""
+        for tensor in self._tensors():
+            tensor.zero_()
+        self.position.zero_()
+        self.consumed = 0
+
+    def copy_(self, source: ModelCache) -> None:
+        """Take over `source`'s state in place; a cache of one sequence is broadcast to every row of this one."""
+        for dst, src in zip(self._tensors(), source._tensors(), strict=True):
+            dst.copy_(src)
+        self.position.copy_(source.position)
+        self.consumed = source.consumed
+
+    def _tensors(self) -> list[torch.Tensor]:
         """Every tensor the layer caches hold, in a fixed order (a layer sharing the model's position lists it)."""
         return [leaf for leaf in tree_leaves(self.layers) if isinstance(leaf, torch.Tensor)]
 
@@ -68,11 +96,14 @@ class CausalLM(nn.Module):
       `cache = model.new_cache(batch_size, max_seqlen)`; `model(input_ids, cache=cache)` consumes the
       tokens (a prompt chunk of any length, or one token per decode step), advances the cache in place
       and returns the logits the parallel forward gives at those positions;
-      `model.generate(input_ids, max_new_tokens, ...)`, see `based.generation.generate`.
+      `model.generate(input_ids, max_new_tokens, ...)`, or `model.decode_session(...)` to keep the decode
+      state (caches, CUDA graph) between calls (`based.generation.DecodeSession`).
     Decode under `torch.no_grad()` / `torch.inference_mode()`: the caches are updated in place.
     """
 
     config_class: type
+    # Whether a cache holds at most `max_seqlen` tokens (a static KV cache) or any number (recurrent state).
+    bounded_cache: bool = False
 
     def __init__(self, config, *, device=None, dtype=None):
         super().__init__()
@@ -121,7 +152,8 @@ class CausalLM(nn.Module):
         return self.lm_head.weight.dtype
 
     def new_cache(self, batch_size: int, max_seqlen: int) -> ModelCache:
-        """Empty decode caches for `batch_size` sequences of up to `max_seqlen` tokens (prompt included),
+        """Empty decode caches for `batch_size` sequences of up to `max_seqlen` tokens (prompt included; a limit
+        for the Transformer, whose KV cache is that long, and only a size for Based, whose state does not grow),
         on the model's device and in its dtype (recurrent states in fp32)."""
         for name, value in (("batch_size", batch_size), ("max_seqlen", max_seqlen)):
             if isinstance(value, bool) or not isinstance(value, int):
@@ -134,19 +166,31 @@ class CausalLM(nn.Module):
         # (`_backend.chained_launch`), whose next GEMV could otherwise not load its weights early.
         layers = [layer.new_cache(batch_size, max_seqlen, device=self.device, dtype=self.dtype, position=position)
                   for layer in self.transformer.layers]
-        return ModelCache(layers, position, max_seqlen, batch_size)
+        return ModelCache(layers, position, max_seqlen, batch_size, self.bounded_cache)
 
     def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
-        """Logits `[B, T, padded_vocab_size]` for `input_ids` `[B, T]` (int64).
+        """Logits `[B, T, padded_vocab_size]` for `input_ids` `[B, T]` (int64, ids in `[0, config.vocab_size)`).
 
-        With `cache`, the tokens continue the sequence the cache has consumed. A chunk of T > 1 tokens is
-        checked against `cache.max_seqlen` (a host read of the position); a single token is not, so the
-        decode step never syncs with the device: `generate` checks the total length up front.
+        With `cache`, the tokens continue the sequence the cache has consumed; the Transformer raises ValueError
+        when they would pass its `max_seqlen`, Based decodes on for any number of tokens.
+
+        The id range is checked with one host read of the ids, skipped where it would cost a sync inside a
+        decode step: while a CUDA graph is captured and while `torch.compile` traces (so
+        `torch.compile(model, fullgraph=True)` has no graph break). The cache's length is checked on the host
+        (`ModelCache.consumed`), never by reading the device position.
         """
         check_input_ids(input_ids, self.device)
+        if not self._tracing():
+            check_token_range(input_ids, self.config.vocab_size)
+        return self._logits(input_ids, cache)
+
+    def _logits(self, input_ids: torch.Tensor, cache: ModelCache | None) -> torch.Tensor:
+        """`forward` without the id-range check: for decode steps whose ids were sampled below vocab_size."""
         B, T = input_ids.shape
         if cache is not None:
-            self._check_cache(cache, B, T)
+            self._check_cache(cache, B)
+            if not self._tracing():
+                cache.consume(T)
         layer_caches = cache.layers if cache is not None else [None] * len(self.transformer.layers)
         residual = self.transformer.embeddings(input_ids)
         for layer, layer_cache in zip(self.transformer.layers, layer_caches):
@@ -156,25 +200,66 @@ class CausalLM(nn.Module):
             cache.position.add_(T)
         return logits
 
-    def _check_cache(self, cache: ModelCache, batch_size: int, seqlen: int) -> None:
+    def _tracing(self) -> bool:
+        """Whether this forward is being captured into a CUDA graph or traced by torch.compile: Python runs once
+        for many replays, so host-side checks and counts belong to the caller."""
+        return torch.compiler.is_compiling() or (self.device.type == "cuda"
+                                                  and torch.cuda.is_current_stream_capturing())
+
+    def _check_cache(self, cache: ModelCache, batch_size: int) -> None:
         if not isinstance(cache, ModelCache):
             raise TypeError(f"cache must be a ModelCache from model.new_cache, got {type(cache).__name__}")
         if len(cache.layers) != len(self.transformer.layers):
             raise ValueError(f"cache has {len(cache.layers)} layers, the model {len(self.transformer.layers)}")
         if cache.batch_size != batch_size:
             raise ValueError(f"cache holds batch size {cache.batch_size} but input_ids has batch size {batch_size}")
-        if seqlen > 1:
-            consumed = int(cache.position)
-            if consumed + seqlen > cache.max_seqlen:
-                raise ValueError(f"cache holds {consumed} of max_seqlen {cache.max_seqlen} tokens; "
-                                 f"{seqlen} more do not fit")
+
+    def decode_session(self, batch_size: int, max_seqlen: int, *, cuda_graph: bool | None = None,
+                       chained: bool = True) -> DecodeSession:
+        """A `based.generation.DecodeSession`: decode caches (and on a GPU the captured decode graph) that the
+        caller keeps for many `session.generate(...)` calls and frees by dropping it. Arguments as there."""
+        return DecodeSession(self, batch_size, max_seqlen, cuda_graph=cuda_graph, chained=chained)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, cuda_graph: bool | None = None,
                  progress: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-        """`[B, T + max_new_tokens]`: the prompt followed by generated tokens; see `based.generation.generate`."""
-        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        cuda_graph=cuda_graph, progress=progress, generator=generator)
+        """Continue each prompt in `input_ids` by `max_new_tokens` tokens, in one call.
+
+        Makes a `DecodeSession` sized for this call (`[B, T + max_new_tokens]`), generates with it and lets it
+        go: nothing (no cache, no CUDA graph) stays on the model. To reuse caches and the captured graph
+        across calls, keep a session instead: `session = model.decode_session(B, max_seqlen)`,
+        `session.generate(...)`.
+
+        Args:
+            input_ids: int64 `[B, T]` prompts on the model's device, ids in `[0, config.vocab_size)`.
+            max_new_tokens: how many tokens to append, >= 0 (0 returns the prompt).
+            temperature: 0 picks the most likely token (greedy; top_k and top_p are then moot); > 0 samples
+                from `softmax(logits / temperature)`.
+            top_k: sample only among the k most likely tokens (an int >= 1, or None for all).
+            top_p: sample only from the smallest set of most likely tokens whose probability reaches top_p
+                (in (0, 1], or None for all).
+            cuda_graph: replay the decode step from a CUDA graph. None means on for CUDA models; True on any
+                other device raises ValueError.
+            progress: show a progress bar on stderr (tqdm when installed, else a counter).
+            generator: a `torch.Generator` on the model's device for reproducible sampling (else the global
+                RNG, seeded by `torch.manual_seed`).
+
+        Returns:
+            int64 `[B, T + max_new_tokens]`: the prompts followed by the new tokens. Only ids below
+            `config.vocab_size` are produced (the rows that pad the embedding to a multiple are never sampled).
+
+        Raises:
+            TypeError: input_ids not an int64 tensor, or an option of the wrong type.
+            ValueError: input_ids not `[B >= 1, T >= 1]`, on another device, or with ids outside
+                `[0, config.vocab_size)`; a negative max_new_tokens or temperature, top_k < 1, top_p outside
+                (0, 1]; cuda_graph=True off a GPU.
+        """
+        DecodeSession.check_options(max_new_tokens, temperature, top_k, top_p, generator)
+        check_input_ids(input_ids, self.device)
+        B, T = input_ids.shape
+        session = self.decode_session(B, T + max_new_tokens, cuda_graph=cuda_graph)
+        return session.generate(input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                progress=progress, generator=generator)
 
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype: torch.dtype | None = None):

@@ -152,10 +152,12 @@ class Transformer(CausalLM):
     """Transformer++ (`TransformerConfig`); see `CausalLM` for the calling convention.
 
     Same skeleton and state-dict layout as `BasedLM`, with `CausalSelfAttention` (`mixer.Wqkv`,
-    `mixer.out_proj`) in every layer. Decoding keeps a static KV cache of `max_seqlen` positions.
+    `mixer.out_proj`) in every layer. Decoding keeps a static KV cache of `max_seqlen` positions: a call
+    that would pass them raises ValueError.
     """
 
     config_class = TransformerConfig
+    bounded_cache = True  # the KV cache holds max_seqlen positions
 
     def build_mixer(self, layer_idx: int, *, device=None, dtype=None) -> nn.Module:
         return CausalSelfAttention(self.config.d_model, num_heads=self.config.n_heads,

@@ -6,8 +6,9 @@ never a silent fallback.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 
@@ -47,13 +48,31 @@ def decode_launch(device: torch.device, programs: int, few: tuple[int, int], man
     return many[0], dict(num_warps=many[1], PDL=False)
 
 
+# Cleared inside `chaining_disabled()`; a module-level flag because the kernels' wrappers, deep inside a model's
+# forward, read it while a graph is captured.
+_chaining_allowed = True
+
+
+@contextlib.contextmanager
+def chaining_disabled() -> Iterator[None]:
+    """Launch every decode kernel unchained while the block runs (e.g. while a decode graph is captured that
+    must not rely on programmatic dependent launch: `DecodeSession(chained=False)`)."""
+    global _chaining_allowed
+    previous, _chaining_allowed = _chaining_allowed, False
+    try:
+        yield
+    finally:
+        _chaining_allowed = previous
+
+
 def chained_launch(device: torch.device) -> bool:
     """Whether to launch a decode kernel with programmatic dependent launch (PDL): on Hopper and newer, while a
-    CUDA graph is being captured. A chained kernel may start while the kernel before it finishes; it lets the
-    next kernel start too and waits for the previous one before touching any activation or cache (the GEMV
-    reads its weight tiles before waiting: weights must not be written inside the same graph). Eager
-    decoding is bound by host launches, where chaining buys nothing, so it stays off there."""
-    return (device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    CUDA graph is being captured, unless inside `chaining_disabled()`. A chained kernel may start while the
+    kernel before it finishes; it lets the next kernel start too and waits for the previous one before touching
+    any activation or cache (the GEMV reads its weight tiles before waiting: weights must not be written inside
+    the same graph). Eager decoding is bound by host launches, where chaining buys nothing, so it stays off
+    there."""
+    return (_chaining_allowed and device.type == "cuda" and torch.cuda.is_current_stream_capturing()
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
