@@ -1,5 +1,6 @@
 """BasedLM and Transformer: preset architectures, configs, and cached decoding against the parallel forward."""
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -180,6 +181,41 @@ def test_attention_layers_read_the_model_position_which_advances_once_per_call(k
     model(torch.randint(0, VOCAB, (1, 5)), cache=cache)
     model(torch.randint(0, VOCAB, (1, 1)), cache=cache)
     assert int(cache.position) == 6
+
+
+@torch.no_grad()
+def test_transformer_decode_falls_back_to_public_sdpa_when_the_private_flash_op_differs(monkeypatch):
+    """Where SDPA-flash is the backend but this torch's `_flash_attention_forward` is not the one `_flash_decode`
+    calls, a decode step takes the masked SDPA over the static cache: the parallel forward's logits."""
+    from based.models import transformer
+
+    monkeypatch.setattr(transformer, "attention_backend_name", lambda device, dtype: "SDPA-flash")
+    monkeypatch.setattr(transformer, "flash_decode_available", lambda: False)
+    monkeypatch.setattr(transformer, "_flash_decode", None)  # calling it would raise TypeError
+    model = tiny_model("transformer")
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    cache = model.new_cache(2, 12)
+    logits = [model(ids[:, :4], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(4, 9)]
+    assert_close(torch.cat(logits, dim=1), model(ids), torch.float32)
+
+
+def test_flash_forward_schema_check():
+    """The private op is called only with the schema the call was written for."""
+    from based.models.transformer import flash_forward_schema_matches
+
+    def packet(schema: str):
+        return SimpleNamespace(default=SimpleNamespace(_schema=torch._C.parse_schema(schema)))
+
+    assert flash_forward_schema_matches(torch.ops.aten._flash_attention_forward)
+    assert not flash_forward_schema_matches(None)
+    assert not flash_forward_schema_matches(SimpleNamespace())
+    assert not flash_forward_schema_matches(packet(  # an argument inserted before is_causal
+        "aten::f(Tensor query, Tensor key, Tensor value, Tensor? cum_seq_q, Tensor? cum_seq_k, SymInt max_q, "
+        "SymInt max_k, float dropout_p, float extra, bool is_causal, bool return_debug_mask, *, "
+        "Tensor? seqused_k=None) -> (Tensor output)"))
+    assert not flash_forward_schema_matches(packet(  # no seqused_k
+        "aten::f(Tensor query, Tensor key, Tensor value, Tensor? cum_seq_q, Tensor? cum_seq_k, SymInt max_q, "
+        "SymInt max_k, float dropout_p, bool is_causal, bool return_debug_mask) -> (Tensor output)"))
 
 
 def test_attention_backend_name_on_cpu():

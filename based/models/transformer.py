@@ -36,7 +36,9 @@ def attention_backend_name(device, dtype: torch.dtype) -> str:
 
     "flash_attn": FlashAttention-2 from the `flash_attn` package (prefill and decode);
     "SDPA-flash": PyTorch's built-in FlashAttention-2 kernel: SDPA's flash backend for prompts, and for
-                  decode steps the same kernel called in its variable-length form (`_flash_decode`);
+                  decode steps the same kernel called in its variable-length form (`_flash_decode`) when this
+                  torch has it with the expected signature (`flash_decode_available`), else SDPA over the
+                  whole static cache with the unwritten rows masked out;
     "math":       anything else (CPU, fp32, or a GPU without SDPA's flash kernel).
     """
     device = torch.device(device)
@@ -117,9 +119,10 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: K
         # position, so the step can be captured in a CUDA graph.
         cache.k.index_copy_(1, cache.position.view(1), k)
         cache.v.index_copy_(1, cache.position.view(1), v)
-        if attention_backend_name(q.device, q.dtype) == "SDPA-flash":
+        if attention_backend_name(q.device, q.dtype) == "SDPA-flash" and flash_decode_available():
             return _flash_decode(q, cache)
-        # Elsewhere (CPU, fp32): the whole static cache with the unwritten rows masked out.
+        # Elsewhere (CPU, fp32, a torch whose private flash entry point differs): the public SDPA over the whole
+        # static cache with the unwritten rows masked out.
         visible = (torch.arange(cache.k.shape[1], device=q.device) <= cache.position).view(1, 1, 1, -1)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k.transpose(1, 2), cache.v.transpose(1, 2),
                                            attn_mask=visible)
@@ -130,6 +133,30 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: K
     cache.k[:, start:start + T] = k
     cache.v[:, start:start + T] = v
     return causal_attention(q, cache.k[:, :start + T], cache.v[:, :start + T])
+
+
+# The leading positional arguments `_flash_decode` passes, in order, and the keyword it needs: the schema of
+# torch 2.5 and later. The op is private, so its signature is checked before it is called.
+_FLASH_FORWARD_POSITIONAL = ("query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p",
+                             "is_causal", "return_debug_mask")
+
+
+@functools.cache
+def flash_decode_available() -> bool:
+    """Whether this torch has `aten::_flash_attention_forward` with the arguments `_flash_decode` passes."""
+    return flash_forward_schema_matches(getattr(torch.ops.aten, "_flash_attention_forward", None))
+
+
+def flash_forward_schema_matches(op) -> bool:
+    """Whether `op` (an `aten::_flash_attention_forward` overload packet, or None) takes `_FLASH_FORWARD_POSITIONAL`
+    positionally and `seqused_k` by keyword, returning the attention output first."""
+    schema = getattr(getattr(op, "default", None), "_schema", None)
+    if schema is None:
+        return False
+    arguments = [(a.name, a.kwarg_only) for a in schema.arguments]
+    positional = tuple(name for name, kwarg_only in arguments if not kwarg_only)
+    return (positional == _FLASH_FORWARD_POSITIONAL and ("seqused_k", True) in arguments
+            and bool(schema.returns) and schema.returns[0].name == "output")
 
 
 def _flash_decode(q: torch.Tensor, cache: KVCache) -> torch.Tensor:
