@@ -159,10 +159,21 @@ class DecodeSession:
         return tokens
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
-        """One decode step: the logits `[batch_size, padded_vocab_size]` after `token` (int64 `[batch_size]` on
-        the model's device, ids below `config.vocab_size`, unchecked: a check would read the device every step),
-        advancing the caches. Eager for the first `WARMUP_STEPS` steps of the session, then captured once and
-        replayed."""
+        """One decode step after a prefill (`model(prompt, cache=session.cache)`, or a cache filled with
+        `session.cache.copy_(...)`), advancing the caches by one token. Eager for the first `WARMUP_STEPS`
+        steps of the session's life, then captured once and replayed (also across `reset` and `generate`).
+
+        Args:
+            token: int64 `[batch_size]` on the model's device, ids below `config.vocab_size`. Not checked: a
+                check would read the device on every step (`generate` passes sampled ids).
+
+        Returns:
+            the logits `[batch_size, padded_vocab_size]` at the new position. With a CUDA graph this is the
+            graph's static output buffer: the next step overwrites it, so copy what must outlive that step.
+
+        Raises:
+            ValueError: for a Transformer session whose cache already holds max_seqlen tokens.
+        """
         self._steps += 1
         if not self.use_graph:
             return self.model._logits(token[:, None], self.cache)[:, -1]

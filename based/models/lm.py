@@ -216,8 +216,25 @@ class CausalLM(nn.Module):
 
     def decode_session(self, batch_size: int, max_seqlen: int, *, cuda_graph: bool | None = None,
                        chained: bool = True) -> DecodeSession:
-        """A `based.generation.DecodeSession`: decode caches (and on a GPU the captured decode graph) that the
-        caller keeps for many `session.generate(...)` calls and frees by dropping it. Arguments as there."""
+        """Decode state the caller keeps: caches and, on a GPU, the captured decode graph, reused by every
+        `session.generate(...)` and freed by dropping the session (`based.generation.DecodeSession`).
+
+        Args:
+            batch_size: the number of sequences each `session.generate` call takes, >= 1.
+            max_seqlen: prompt + new tokens per call, >= 1: a limit for the Transformer (its KV cache is that
+                long), a size hint for Based (whose state does not grow).
+            cuda_graph: replay decode steps from a CUDA graph; None means on for CUDA models.
+            chained: let the captured kernels use programmatic dependent launch (Hopper and newer); False
+                captures them unchained.
+
+        Returns:
+            a `DecodeSession` with `generate(input_ids, max_new_tokens, ...)`, `step(token)`, `reset()` and
+            `cache`.
+
+        Raises:
+            TypeError: a non-int batch_size or max_seqlen, a non-bool cuda_graph or chained.
+            ValueError: batch_size or max_seqlen < 1; cuda_graph=True for a model that is not on a GPU.
+        """
         return DecodeSession(self, batch_size, max_seqlen, cuda_graph=cuda_graph, chained=chained)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
