@@ -158,6 +158,7 @@ class DecodeSession:
         bar.close()
         return tokens
 
+    @torch.inference_mode()
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """One decode step after a prefill (`model(prompt, cache=session.cache)`, or a cache filled with
         `session.cache.copy_(...)`), advancing the caches by one token. Eager for the first `WARMUP_STEPS`
