@@ -129,24 +129,19 @@ def linear_gated_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.
         `silu(conv(u1)) * u2` `[B, D]` in the weight's dtype.
 
     Raises:
-        ValueError: a shape that does not fit the above (an odd number of weight rows, any empty dimension),
-            tensors on different devices, a negative norm_eps, or "triton" for several rows.
+        ValueError: a shape that does not fit the above (an odd number of weight rows, any empty dimension:
+            the rule of every op), tensors on different devices, a negative norm_eps, or "triton" for several
+            rows.
         TypeError: a non-tensor argument, an unsupported dtype, or x, bias or norm_weight in a dtype the
             weight does not allow.
     """
     check_tensor("x", x, ndim=2)
     check_linear_input(x, weight, norm_weight, norm_eps)
-    if 0 in x.shape:
-        raise ValueError(f"x must be [B, in_features] with B, in_features >= 1, got shape {tuple(x.shape)}")
     D = gated_halves(weight)
-    if D == 0:
-        raise ValueError(f"weight must have 2 * D >= 2 rows, got shape {tuple(weight.shape)}")
     if bias is not None:
         check_weight_vector("bias", bias, 2 * D, weight.dtype)
     check_tensor("conv_state", conv_state, ndim=3)
     check_shape("conv_state", conv_state, (x.shape[0], D, conv_state.shape[-1]))
-    if conv_state.shape[-1] == 0:
-        raise ValueError(f"conv_state must have K >= 1 taps, got shape {tuple(conv_state.shape)}")
     check_tensor("conv_weight", conv_weight, ndim=2)
     check_shape("conv_weight", conv_weight, (D, conv_state.shape[-1]))
     check_same_device(x=x, weight=weight, bias=bias, conv_state=conv_state, conv_weight=conv_weight,
