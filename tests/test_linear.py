@@ -126,18 +126,6 @@ def test_interpreted_kernel_takes_a_strided_weight_and_rejects_many_rows():
         linear(torch.randn(2, 24), weight, backend="triton")
 
 
-def test_kernels_are_not_chained_outside_a_gpu_graph_capture():
-    assert chain_options(torch.device("cpu")) == {"PDL": False}
-
-
-def test_gradients_flow_through_auto():
-    """With a gradient needed, "auto" takes the differentiable reference (the kernel is inference only)."""
-    x = torch.randn(1, 16, requires_grad=True)
-    weight = torch.randn(8, 16, requires_grad=True)
-    linear(x, weight, gated=True).sum().backward()
-    assert x.grad is not None and weight.grad is not None
-
-
 @pytest.mark.parametrize("make, error, words", [
     (lambda x, w, b, r: dict(x="x", weight=w), TypeError, "x must be a torch.Tensor"),
     (lambda x, w, b, r: dict(x=x[0, 0], weight=w), ValueError, "x must have at least one dimension"),

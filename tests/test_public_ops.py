@@ -133,11 +133,11 @@ CASES = [
     Case("linear", linear_inputs,
          lambda b, x, weight, bias, residual, norm_weight: based.ops.linear(
              x, weight, bias, residual=residual, gated=True, norm_weight=norm_weight, backend=b),
-         kernel_backends("triton")),
+         kernel_backends("triton"), grad=("x", "weight", "bias", "residual", "norm_weight")),
     Case("stacked_linear", lambda g: dict(x=randn(g, 1, 1, 12), w0=randn(g, 5, 12), w1=randn(g, 3, 12),
                                           norm_weight=1 + randn(g, 12).abs()),
          lambda b, x, w0, w1, norm_weight: based.ops.stacked_linear(x, [w0, w1], norm_weight=norm_weight, backend=b),
-         kernel_backends("triton")),
+         kernel_backends("triton"), grad=("x", "w0", "w1", "norm_weight")),
     Case("rms_norm", lambda g: dict(x=randn(g, 2, 3, 10), weight=randn(g, 10), residual=randn(g, 2, 3, 10)),
          lambda b, x, weight, residual: based.ops.rms_norm(x, weight, residual=residual, backend=b),
          kernel_backends("triton"), grad=("x", "weight", "residual")),

@@ -38,9 +38,9 @@ def decode_launch(device: torch.device, programs: int, few: tuple[int, int], man
                   interpreted_block: int) -> tuple[int, dict]:
     """(block size, launch options) of a decode kernel with `programs` programs: `few` (block, warps) when they
     do not fill the SMs (batch 1: latency-bound, so one big block), else `many` (bandwidth-bound); the Triton
-    interpreter gets `interpreted_block` and no launch options (only `PDL=False`). Only the latency-bound launch is chained
-    (`chain_options`): with the SMs full there is nothing to overlap, and on an H200 the chained step at 256
-    programs ran 0.0166 ms against 0.0090 unchained (benchmarks/decode.py, B=16)."""
+    interpreter gets `interpreted_block` and no launch options (only `PDL=False`). Only the latency-bound launch is
+    chained (`chain_options`): with the SMs full there is nothing to overlap, and chaining such a launch measured
+    slower (docs/PERFORMANCE.md)."""
     if device.type != "cuda":
         return interpreted_block, dict(PDL=False)
     if programs < _multiprocessor_count(device):

@@ -13,17 +13,11 @@ Inside a captured decode graph on Hopper the kernel is chained to the previous o
 it loads its weight tiles before waiting for the kernel that produces x, so the weight stream does not stop at
 kernel boundaries. Weights must therefore not be written earlier in the same graph.
 
-Launch shapes chosen on an H200 by the whole Based-1.3B batch-1 step replayed from a graph (the GEMVs are
-chained there, so the best shape of a lone GEMV is not the best in the chain). Short matrices (the 1792-row
-projections, linear attention's stacked q, k, v): two rows per program, whole rows (K <= 4096) loaded before
-the wait, 2 warps. Tall ones (7168 and 5376 rows, the 50264-row lm_head): 16 rows x 256 columns per tile, 8
-warps. Rejected in that step (H200): whole rows for tall matrices too (15-30% slower: a 7168 x 1792 matrix fills
-three quarters of the register file, so its programs cannot all be resident while the kernel before them
-runs), splitting a tall GEMV into two launches of half the rows (25-55% slower), 512- or 1024-column loop
-tiles, a row sum per tile instead of a 2D accumulator, or a third tile in flight (5-40% slower each).
-Step times, one run each: 1.576 ms unchained, 1.398 ms chained, 1.247 ms with tuned two-tile shapes; 1.152 ms
-with the norms fused and short rows preloaded; 1.130 ms with the conv gate; 1.073 ms with one stacked launch
-for q, k, v (and the sliding-window position shared); 1.045 ms with two rows per short program.
+Launch shapes are chosen on the whole Based-1.3B batch-1 step replayed from a graph, not on a lone GEMV, since
+the GEMVs are chained there (measurements and rejected alternatives: docs/PERFORMANCE.md). Short matrices (the
+1792-row projections, linear attention's stacked q, k, v): two rows per program, whole rows (K <= 4096) loaded
+before the wait, 2 warps. Tall ones (7168 and 5376 rows, the 50264-row lm_head): 16 rows x 256 columns per tile,
+8 warps: their whole rows do not fit in registers with all programs resident while the kernel before them runs.
 
 Inference only: `linear` uses the reference whenever a gradient is needed.
 """
