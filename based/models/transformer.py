@@ -21,14 +21,17 @@ from based.nn.attention import RotaryAttention
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-@functools.cache
+# Looked up once at import: torch.compile cannot trace an import statement that fails (a graph break, and an
+# error under fullgraph=True), which a lookup inside the forward would be without flash_attn installed.
+try:
+    import flash_attn as _flash_attn_module
+except ImportError:
+    _flash_attn_module = None
+
+
 def _flash_attn():
     """The `flash_attn` module, or None when it is not installed."""
-    try:
-        import flash_attn
-    except ImportError:
-        return None
-    return flash_attn
+    return _flash_attn_module
 
 
 def attention_backend_name(device, dtype: torch.dtype) -> str:
