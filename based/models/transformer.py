@@ -92,7 +92,8 @@ class CausalSelfAttention(RotaryAttention):
 
 
 def _use_flash_attn(q: torch.Tensor) -> bool:
-    return attention_backend_name(q.device, q.dtype) == "flash_attn"
+    """`attention_backend_name(...) == "flash_attn"` without the device queries, which torch.compile need not trace."""
+    return _flash_attn_module is not None and q.is_cuda and q.dtype in HALF_DTYPES
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

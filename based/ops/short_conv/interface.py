@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from based.ops._backend import resolve_backend, triton_available
+from based.ops._backend import grad_needed, resolve_backend, triton_available
 from based.ops._validate import (
     KERNEL_DTYPES, check_bool, check_dims_match, check_same_device, check_shape, check_tensor,
 )
-from based.ops.linear.interface import check_linear_input, check_weight_vector, gated_halves, gemv_supports
+from based.ops.linear.interface import check_linear_input, check_weight_vector, gated_halves, gemv_supports, linear
 from based.ops.short_conv.reference import (causal_conv1d_step_torch, causal_conv1d_torch, gated_conv1d_step_torch,
                                             linear_gated_conv1d_step_torch)
 
@@ -62,8 +62,8 @@ def causal_conv1d_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.
         `y` `[B, D]` in x's dtype, computed in fp32 (fp64 for fp64 inputs).
     """
     _check_step(x, conv_state, weight, bias)
-    impl = resolve_backend("causal_conv1d_step", _auto_step_backend(backend, x), x.device,
-                           _step_implementations(gated=False))
+    impl = resolve_backend("causal_conv1d_step", _auto_step_backend(backend, x, conv_state, weight, bias),
+                           x.device, _step_implementations(gated=False))
     return impl(x, conv_state, weight, bias)
 
 
@@ -93,8 +93,8 @@ def gated_conv1d_step(x: torch.Tensor, gate: torch.Tensor, conv_state: torch.Ten
         raise ValueError(f"gate must have x's shape {tuple(x.shape)}, got {tuple(gate.shape)}")
     if gate.dtype != x.dtype:
         raise TypeError(f"gate must have x's dtype {x.dtype}, got {gate.dtype}")
-    impl = resolve_backend("gated_conv1d_step", _auto_step_backend(backend, x), x.device,
-                           _step_implementations(gated=True))
+    impl = resolve_backend("gated_conv1d_step", _auto_step_backend(backend, x, gate, conv_state, weight, bias),
+                           x.device, _step_implementations(gated=True))
     return impl(x, gate, conv_state, weight, bias)
 
 
@@ -120,8 +120,9 @@ def linear_gated_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.
         conv_state: `[B, D, K]`, the last K conv inputs, oldest first (fp32 recommended; `u1` is cast to it).
         conv_weight: `[D, K]`.
         norm_weight: optional `[in_features]`, the weight's dtype; `norm_eps` >= 0 goes with it.
-        backend: "auto" (the Triton matrix-vector kernel on CUDA for one row of x, B == 1, when no gradient is
-            needed; else the reference), "torch" (`based.ops.linear` then `gated_conv1d_step`, each a reference)
+        backend: "auto" (on CUDA when no gradient is needed: for one row of x, B == 1, the Triton
+            matrix-vector kernel; for several, `based.ops.linear` (cuBLAS) then `gated_conv1d_step`'s own kernel;
+            else the reference), "torch" (`based.ops.linear` then `gated_conv1d_step`, each a reference)
             or "triton" (one row only, inference only; the normalised x, products, conv and gate stay in fp32
             until the single rounding of the output).
 
@@ -146,6 +147,11 @@ def linear_gated_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     check_shape("conv_weight", conv_weight, (D, conv_state.shape[-1]))
     check_same_device(x=x, weight=weight, bias=bias, conv_state=conv_state, conv_weight=conv_weight,
                       norm_weight=norm_weight)
+    if backend == "auto" and x.is_cuda and x.shape[0] > 1 and not _reference_only(x, weight, bias, norm_weight, conv_state,
+                                                                     conv_weight):
+        # Several rows (batched decoding): a GEMM, then the step kernel streams the conv states.
+        u1, u2 = linear(x, weight, bias, norm_weight=norm_weight, norm_eps=norm_eps).chunk(2, dim=-1)
+        return gated_conv1d_step(u1, u2, conv_state, conv_weight)
     if backend == "auto" and not gemv_supports(x, weight, bias, None, norm_weight, conv_state, conv_weight):
         backend = "torch"
     impls = {"torch": linear_gated_conv1d_step_torch}
@@ -164,9 +170,15 @@ def _check_step(x, conv_state, weight, bias) -> None:
     check_same_device(x=x, conv_state=conv_state, weight=weight, bias=bias)
 
 
-def _auto_step_backend(backend: str, x: torch.Tensor) -> str:
-    """`backend`, with "auto" sent to the reference for inputs the kernel does not take (fp64)."""
-    return "torch" if backend == "auto" and x.dtype not in KERNEL_DTYPES else backend
+def _auto_step_backend(backend: str, x: torch.Tensor, *tensors) -> str:
+    """`backend`, with "auto" sent to the reference for inputs the kernel does not take (fp64, or a gradient
+    needed: the kernel is inference only)."""
+    return "torch" if backend == "auto" and _reference_only(x, *tensors) else backend
+
+
+def _reference_only(x: torch.Tensor, *tensors) -> bool:
+    """Whether only the reference takes these inputs: fp64, or a gradient needed."""
+    return x.dtype not in KERNEL_DTYPES or grad_needed(x, *tensors)
 
 
 def _step_implementations(gated: bool):
