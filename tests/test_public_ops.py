@@ -1,13 +1,17 @@
-"""Every public op, one registry (`CASES`), two rules.
+"""Every public op, one registry (`CASES`), and the rules every op keeps, each a test over the whole registry:
 
-First: each gives the contiguous answer on strided, sliced, offset and transposed views of every tensor argument, on every backend that runs here (the reference, Triton in the interpreter on CPU or compiled on a GPU,
-the CUDA extension on a GPU), forward and, for differentiable ops, backward with a strided output gradient.
+- strided, sliced, offset and transposed views of every tensor argument give the contiguous answer, on every
+  backend that runs on the device (the reference, Triton in the interpreter on CPU or compiled on a GPU, the
+  CUDA extension on a GPU), forward and, for differentiable ops, backward with a strided output gradient. An
+  argument the op updates in place (a decode state or cache) cannot be copied behind the caller's back: a
+  kernel that needs another layout refuses it with a ValueError naming it;
+- `backend="torch"` runs PyTorch alone;
+- every custom op the kernels reach passes `opcheck`, and its fake describes the kernel's outputs exactly;
+- an empty dimension in any argument is a ValueError;
+- "auto" takes the reference where no kernel takes the input (float64, a gradient needed).
 
-An argument an op updates in place (a decode state or cache) cannot be copied behind the caller's back: a kernel
-that needs another layout must refuse it with a ValueError naming it; "auto" must take a path that works.
-
-Second: `backend="torch"` runs PyTorch alone. A new public op joins by adding one `Case` to `CASES` (a test fails for
-an op missing from the list).
+Each runs on CPU and, gpu-marked, on CUDA. A new public op joins by adding one `Case` to `CASES` (a test fails
+for an op missing from the list).
 """
 from __future__ import annotations
 
@@ -23,40 +27,46 @@ from based.ops import LinearAttentionState, WindowCache
 from based.ops._backend import cuda_extension_available, triton_available
 from tests.helpers import rel_err
 
-GPU = torch.cuda.is_available()
-DEVICE = "cuda" if GPU else "cpu"
+# Every test that runs ops runs once per device; the CUDA run carries the gpu mark (skipped without a GPU).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def kernel_backends(*names: str) -> list[str]:
-    """The backends among `names` that can run here, "torch" and (on a GPU) "auto" always."""
-    runnable = ["torch"] + (["auto"] if GPU else [])
-    if "triton" in names and triton_available() and (GPU or INTERPRETED):
+def runnable_backends(kernels: tuple[str, ...], device: str) -> list[str]:
+    """The backends that run on `device`: "torch", and on a GPU "auto", plus those of `kernels` ("triton",
+    "cuda") the machine has (Triton on CPU in its interpreter)."""
+    gpu = device == "cuda"
+    runnable = ["torch"] + (["auto"] if gpu else [])
+    if "triton" in kernels and triton_available() and (gpu or INTERPRETED):
         runnable.append("triton")
-    if "cuda" in names and GPU and cuda_extension_available():
+    if "cuda" in kernels and gpu and cuda_extension_available():
         runnable.append("cuda")
     return runnable
 
 
 @dataclasses.dataclass
 class Case:
-    """`make(gen)` -> the op's tensor arguments by name (contiguous); `run(backend, **tensors)` -> its
-    outputs (a tensor or a tuple); `in_place`: arguments the op updates; `grad`: arguments to differentiate."""
+    """`make(gen)` -> the op's tensor arguments by name (contiguous, on CPU); `run(backend, **tensors)` -> its
+    outputs (a tensor or a tuple); `kernels`: its kernel backends; `in_place`: arguments the op updates; `grad`:
+    arguments to differentiate."""
 
     op: str
     make: Callable[[torch.Generator], dict]
     run: Callable[..., object]
-    backends: list[str]
+    kernels: tuple[str, ...]
     in_place: tuple[str, ...] = ()
     grad: tuple[str, ...] = ()
     kernels_differentiable: bool = False  # else only "torch" and "auto" are differentiated
+
+    def inputs(self, device: str, seed: int = 0) -> dict:
+        return {n: t.to(device) for n, t in self.make(torch.Generator().manual_seed(seed)).items()}
 
     def differentiates(self, backend: str) -> tuple[str, ...]:
         return self.grad if backend in ("torch", "auto") or self.kernels_differentiable else ()
 
 
 def randn(gen, *shape, scale=1.0):
-    return torch.randn(*shape, generator=gen).to(DEVICE) * scale
+    return torch.randn(*shape, generator=gen) * scale
 
 
 def la_inputs(gen, seq=True):
@@ -115,16 +125,16 @@ def linear_inputs(gen):
 
 CASES = [
     Case("taylor_feature_map", lambda g: dict(x=randn(g, 3, 4, 5)),
-         lambda b, x: based.ops.taylor_feature_map(x, backend=b), kernel_backends("cuda"), grad=("x",)),
-    Case("linear_attention", la_inputs, la_run, kernel_backends("triton"), grad=("q", "k", "v", "kv", "ksum"),
+         lambda b, x: based.ops.taylor_feature_map(x, backend=b), ("cuda",), grad=("x",)),
+    Case("linear_attention", la_inputs, la_run, ("triton",), grad=("q", "k", "v", "kv", "ksum"),
          kernels_differentiable=True),
     Case("linear_attention_step", lambda g: la_inputs(g, seq=False), la_step_run,
-         kernel_backends("triton", "cuda"), in_place=("kv", "ksum")),
+         ("triton", "cuda"), in_place=("kv", "ksum")),
     Case("sliding_window_attention", swa_inputs,
          lambda b, q, k, v: based.ops.sliding_window_attention(q, k, v, window=3, backend=b),
-         kernel_backends("triton"), grad=("q", "k", "v"), kernels_differentiable=True),
+         ("triton",), grad=("q", "k", "v"), kernels_differentiable=True),
     Case("sliding_window_attention_step", lambda g: swa_inputs(g, seq=False), swa_step_run,
-         kernel_backends("triton"), in_place=("cache_k", "cache_v")),
+         ("triton",), in_place=("cache_k", "cache_v")),
     Case("window_cache_write", lambda g: {n: t for n, t in swa_inputs(g, seq=False).items() if n != "q"}
          | dict(k=randn(g, 2, 2, 2, 8), v=randn(g, 2, 2, 2, 8)), cache_write_run, ["torch"],
          in_place=("cache_k", "cache_v")),
@@ -133,34 +143,34 @@ CASES = [
     Case("linear", linear_inputs,
          lambda b, x, weight, bias, residual, norm_weight: based.ops.linear(
              x, weight, bias, residual=residual, gated=True, norm_weight=norm_weight, backend=b),
-         kernel_backends("triton"), grad=("x", "weight", "bias", "residual", "norm_weight")),
+         ("triton",), grad=("x", "weight", "bias", "residual", "norm_weight")),
     Case("stacked_linear", lambda g: dict(x=randn(g, 1, 1, 12), w0=randn(g, 5, 12), w1=randn(g, 3, 12),
                                           norm_weight=1 + randn(g, 12).abs()),
          lambda b, x, w0, w1, norm_weight: based.ops.stacked_linear(x, [w0, w1], norm_weight=norm_weight, backend=b),
-         kernel_backends("triton"), grad=("x", "w0", "w1", "norm_weight")),
+         ("triton",), grad=("x", "w0", "w1", "norm_weight")),
     Case("rms_norm", lambda g: dict(x=randn(g, 2, 3, 10), weight=randn(g, 10), residual=randn(g, 2, 3, 10)),
          lambda b, x, weight, residual: based.ops.rms_norm(x, weight, residual=residual, backend=b),
-         kernel_backends("triton"), grad=("x", "weight", "residual")),
+         ("triton",), grad=("x", "weight", "residual")),
     Case("apply_rotary", lambda g: dict(x=randn(g, 2, 3, 4, 8),
-                                        positions=torch.tensor([3, 7, 11], device=DEVICE)),
-         lambda b, x, positions: based.ops.apply_rotary(x, positions, backend=b), kernel_backends("triton"),
+                                        positions=torch.tensor([3, 7, 11])),
+         lambda b, x, positions: based.ops.apply_rotary(x, positions, backend=b), ("triton",),
          grad=("x",)),
     Case("causal_conv1d", conv_inputs,
          lambda b, x, weight, bias, state: based.ops.causal_conv1d(x, weight, bias, initial_state=state,
                                                                    return_state=True, backend=b),
-         kernel_backends(), grad=("x", "weight", "bias", "state")),
+         (), grad=("x", "weight", "bias", "state")),
     Case("causal_conv1d_step", lambda g: {n: t for n, t in conv_inputs(g, step=True).items() if n != "gate"},
          lambda b, x, weight, bias, state: based.ops.causal_conv1d_step(x, state, weight, bias, backend=b),
-         kernel_backends("triton"), in_place=("state",), grad=("x", "weight", "bias")),
+         ("triton",), in_place=("state",), grad=("x", "weight", "bias")),
     Case("gated_conv1d_step", lambda g: conv_inputs(g, step=True),
          lambda b, x, weight, bias, state, gate: based.ops.gated_conv1d_step(x, gate, state, weight, bias, backend=b),
-         kernel_backends("triton"), in_place=("state",), grad=("x", "gate", "weight", "bias")),
+         ("triton",), in_place=("state",), grad=("x", "gate", "weight", "bias")),
     Case("linear_gated_conv1d_step",
          lambda g: dict(x=randn(g, 1, 12), weight=randn(g, 10, 12, scale=12**-0.5), bias=randn(g, 10),
                         state=randn(g, 1, 5, 3), conv_weight=randn(g, 5, 3), norm_weight=1 + randn(g, 12).abs()),
          lambda b, x, weight, bias, state, conv_weight, norm_weight: based.ops.linear_gated_conv1d_step(
              x, weight, bias, state, conv_weight, norm_weight=norm_weight, backend=b),
-         kernel_backends("triton"), in_place=("state",)),
+         ("triton",), in_place=("state",)),
 ]
 
 
@@ -218,18 +228,19 @@ def run_case(case: Case, backend: str, tensors: dict, grad_out: list):
     return [o.detach() for o in outs], [leaves[n].detach() for n in case.in_place], grads
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("how", ["sliced", "offset", "transposed"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.op)
-def test_strided_views_give_the_contiguous_result(case, how):
-    gen = torch.Generator().manual_seed(0)
-    tensors = case.make(gen)
+def test_strided_views_give_the_contiguous_result(case, how, device):
+    gen = torch.Generator().manual_seed(1)
+    tensors = case.inputs(device)
 
     def laid_out(name=None):
         return {n: relayout(t, how) if n == name else t.clone() for n, t in tensors.items()}
 
-    for backend in case.backends:
+    for backend in runnable_backends(case.kernels, device):
         shapes = [o.shape for o in outputs_of(case.run(backend, **laid_out()))]
-        grad_out = [randn(gen, *shape) for shape in shapes]
+        grad_out = [randn(gen, *shape).to(device) for shape in shapes]
         want = run_case(case, backend, laid_out(), grad_out)
         for name, tensor in tensors.items():
             if tensor.numel() <= 1:
@@ -249,8 +260,9 @@ def test_strided_views_give_the_contiguous_result(case, how):
                     assert err < 1e-5, f"{case.op}[{backend}], {how} {name}: {part} {i} relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.op)
-def test_torch_backend_runs_only_pytorch(case, auto_picks_kernels):
+def test_torch_backend_runs_only_pytorch(case, device, auto_picks_kernels):
     """backend="torch" is the reference that bisects a kernel bug: it must never reach a `based::` op (every
     Triton and CUDA kernel is one), forward or backward."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -263,7 +275,7 @@ def test_torch_backend_runs_only_pytorch(case, auto_picks_kernels):
                 KernelCalls.seen.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    tensors = case.make(torch.Generator().manual_seed(0))
+    tensors = case.inputs(device)
     grad_out = None
     with KernelCalls():
         leaves = {n: t.requires_grad_(n in case.grad) for n, t in tensors.items()}
@@ -274,9 +286,10 @@ def test_torch_backend_runs_only_pytorch(case, auto_picks_kernels):
     assert KernelCalls.seen == [], f"{case.op}(backend='torch') ran kernels: {KernelCalls.seen}"
 
 
-def record_kernel_calls(case: Case, backend: str, how: str) -> list:
+def record_kernel_calls(case: Case, backend: str, how: str, device: str) -> list:
     """(op, args, kwargs) of every `based::` custom op that `case` reaches on `backend`, forward and backward,
-    with every tensor argument it does not update in place in the `how` layout; the recorded tensors are copies with the same strides."""
+    with every tensor argument it does not update in place in the `how` layout; the recorded tensors are copies
+    with the same strides."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_map
 
@@ -290,8 +303,7 @@ def record_kernel_calls(case: Case, backend: str, how: str) -> list:
             return func(*args, **kwargs)
 
     # Arguments updated in place stay contiguous: kernels may refuse other layouts for them.
-    tensors = {n: t if n in case.in_place else relayout(t, how)
-               for n, t in case.make(torch.Generator().manual_seed(0)).items()}
+    tensors = {n: t if n in case.in_place else relayout(t, how) for n, t in case.inputs(device).items()}
     with Recorder():
         outs = outputs_of(case.run(backend, **{n: t.requires_grad_(n in case.differentiates(backend))
                                                for n, t in tensors.items()}))
@@ -301,16 +313,20 @@ def record_kernel_calls(case: Case, backend: str, how: str) -> list:
     return Recorder.calls
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("how", ["sliced", "transposed"])
-@pytest.mark.parametrize("case", [c for c in CASES if set(c.backends) - {"torch", "auto"}], ids=lambda c: c.op)
-def test_custom_ops_fakes_match_kernels_on_strided_inputs(case, how):
+@pytest.mark.parametrize("case", [c for c in CASES if c.kernels], ids=lambda c: c.op)
+def test_custom_ops_fakes_match_kernels_on_strided_inputs(case, how, device):
     """Each custom op the kernels run passes `torch.library.opcheck`, and its fake (what torch.compile plans
     with) gives the real outputs' shapes, dtypes and strides, for the strided inputs models produce."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._pytree import tree_leaves, tree_map
 
-    for backend in set(case.backends) - {"torch", "auto"}:
-        calls = record_kernel_calls(case, backend, how)
+    kernels = set(runnable_backends(case.kernels, device)) - {"torch", "auto"}
+    if not kernels:
+        pytest.skip(f"no kernel of {case.op} runs on {device} here")
+    for backend in kernels:
+        calls = record_kernel_calls(case, backend, how, device)
         assert calls, f"{case.op}[{backend}] reached no custom op"
         for func, args, kwargs in calls:
             real = [t for t in tree_leaves(func(*tree_map(clone_strided, args), **tree_map(clone_strided, kwargs)))
@@ -331,12 +347,13 @@ def clone_strided(x):
     return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.op)
-def test_empty_dimensions_are_a_value_error(case):
+def test_empty_dimensions_are_a_value_error(case, device):
     """One rule for every op: any tensor argument with a dimension of size 0 is a ValueError (never an empty
     result, a reshape error from inside a kernel wrapper, or an index error)."""
-    tensors = case.make(torch.Generator().manual_seed(0))
-    for backend in case.backends:
+    tensors = case.inputs(device)
+    for backend in runnable_backends(case.kernels, device):
         for name, tensor in tensors.items():
             for dim in range(tensor.dim()):
                 empty = tensor.narrow(dim, 0, 0)
@@ -344,13 +361,13 @@ def test_empty_dimensions_are_a_value_error(case):
                     case.run(backend, **dict(tensors, **{name: empty}))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.op)
-def test_auto_takes_the_reference_where_kernels_cannot_go(case, dtype, auto_picks_kernels):
+def test_auto_takes_the_reference_where_kernels_cannot_go(case, dtype, device, auto_picks_kernels):
     """"auto" never fails for want of a kernel: with gradients needed (the inference-only kernels give none)
     and with float64 inputs (no kernel takes them) it gives what backend="torch" gives."""
-    tensors = {n: t.to(dtype) if t.is_floating_point() else t
-               for n, t in case.make(torch.Generator().manual_seed(0)).items()}
+    tensors = {n: t.to(dtype) if t.is_floating_point() else t for n, t in case.inputs(device).items()}
     results = []
     for backend in ("auto", "torch"):
         leaves = {n: t.clone().requires_grad_(n in case.grad) for n, t in tensors.items()}

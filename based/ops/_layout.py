@@ -32,5 +32,6 @@ def require_unit_stride(name: str, x: torch.Tensor, kernel: str, dims: int = 1) 
     `kernel` updates in place, which a copy would leave untouched."""
     if not has_unit_stride(x, dims):
         what = "its last dimension" if dims == 1 else f"its last {dims} dimensions"
-        raise ValueError(f"{name} is updated in place by {kernel}, which needs {what} dense (unit stride), got shape {tuple(x.shape)} with strides {x.stride()}; pass a contiguous "
-                         f"tensor or use backend='torch'")
+        raise ValueError(f"{name} is updated in place by {kernel}, which needs {what} dense (unit stride), "
+                         f"got shape {tuple(x.shape)} with strides {x.stride()}; pass a contiguous tensor or use "
+                         "backend='torch'")
