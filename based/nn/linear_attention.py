@@ -22,8 +22,8 @@ class LinearAttention(nn.Module):
     >= 1/2, so it only matters for exactly-zero inputs.
 
     A mixer in the sense of `based.nn.mixer`. Decoding: `cache = layer.new_cache(batch_size)` is a
-    `LinearAttentionState` (fp32, O(1) in the
-    sequence length); `layer(x, cache)` continues from it and updates it in place.
+    `LinearAttentionState` (fp32, O(1) in the sequence length); `layer(x, cache)` continues from it and
+    updates it in place.
     """
 
     def __init__(self, d_model: int, *, num_heads: int = 16, feature_dim: int = 16, eps: float = 1e-12,

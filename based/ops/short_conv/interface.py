@@ -147,8 +147,9 @@ def linear_gated_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     check_shape("conv_weight", conv_weight, (D, conv_state.shape[-1]))
     check_same_device(x=x, weight=weight, bias=bias, conv_state=conv_state, conv_weight=conv_weight,
                       norm_weight=norm_weight)
-    if backend == "auto" and x.is_cuda and x.shape[0] > 1 and not _reference_only(x, weight, bias, norm_weight, conv_state,
-                                                                     conv_weight):
+    several_rows_on_gpu = x.is_cuda and x.shape[0] > 1
+    if backend == "auto" and several_rows_on_gpu and not _reference_only(x, weight, bias, norm_weight, conv_state,
+                                                                          conv_weight):
         # Several rows (batched decoding): a GEMM, then the step kernel streams the conv states.
         u1, u2 = linear(x, weight, bias, norm_weight=norm_weight, norm_eps=norm_eps).chunk(2, dim=-1)
         return gated_conv1d_step(u1, u2, conv_state, conv_weight)

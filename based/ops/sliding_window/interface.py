@@ -37,7 +37,8 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     check_qkv(q, k, v, seq_dim=True)
     check_positive_int("window", window)
     scale = _resolve_scale(scale, q)
-    impl = resolve_backend("sliding_window_attention", _auto_backend(backend, q), q.device, _implementations(parallel=True))
+    impl = resolve_backend("sliding_window_attention", _auto_backend(backend, q), q.device,
+                           _implementations(parallel=True))
     return impl(q, k, v, window, scale)
 
 
@@ -67,7 +68,8 @@ def sliding_window_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     check_window_cache(cache, k, v)
     check_position(pos, cache, allow_tensor=True)
     scale = _resolve_scale(scale, q)
-    impl = resolve_backend("sliding_window_attention_step", _auto_backend(backend, q), q.device, _implementations(parallel=False))
+    impl = resolve_backend("sliding_window_attention_step", _auto_backend(backend, q), q.device,
+                           _implementations(parallel=False))
     return impl(q, k, v, cache, pos, scale)
 
 
