@@ -4,7 +4,9 @@ One program per (batch row, block of channels) shifts those channels' conv state
 writes the new input at its end and takes the K-tap dot product in fp32; with a gate it returns
 `silu(y) * gate`, so a BaseConv decode step is one launch between its projections. Channels are
 independent, so no two programs touch the same state. At decode sizes the step moves a few kilobytes and
-is bound by launch latency, which is why one fixed launch configuration serves every shape.
+is bound by launch latency, which is why one fixed launch configuration serves every shape. It is compiled
+without FMA contraction for the reason `based.ops.sliding_window.triton_decode` gives: the threads sharing a
+channel's taps must round its sum alike.
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def _step_op(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tenso
         x, gate_or_x, conv_state, weight, bias_or_x, y, D, K,
         *x.stride(), *gate_or_x.stride(), *conv_state.stride(), *weight.stride(), bias_or_x.stride(0), y.stride(0),
         BD=CHANNELS_PER_BLOCK, BK=triton.next_power_of_2(K), HAS_BIAS=bias is not None, GATED=gate is not None,
-        num_warps=NUM_WARPS, **chain_options(x.device))
+        num_warps=NUM_WARPS, enable_fp_fusion=False, **chain_options(x.device))
     return y
 
 

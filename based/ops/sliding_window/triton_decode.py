@@ -5,6 +5,11 @@ the token that leaves the window, so the program attends over the new token (its
 registers) and the W - 1 other slots, then overwrites that slot with the new key and value. Slots past `pos`
 are not written yet before the ring fills and are masked. All arithmetic is fp32 with 2D tiles (a [slots, D]
 block of keys against one query row): the step moves W keys and values per head and is bound by memory.
+
+The kernel is compiled without FMA contraction. Each sum is a butterfly across threads, and the threads that
+hold copies of one reduced value must round alike: they all write it to the same shared-memory word on the way
+to the next stage. With a product fused into the first addition each thread rounds a different pair, the
+copies differ in the last bit, and that is a write-write race (compute-sanitizer's racecheck reports it).
 """
 from __future__ import annotations
 
@@ -85,5 +90,5 @@ def decode_step(q, k, v, cache_k, cache_v, pos, scale: float) -> torch.Tensor:
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         *cache_k.stride(), *cache_v.stride(),
         HKV=Hkv, G=H // Hkv, D=D, DV=DV, BW=BW, BD=triton.next_power_of_2(D), BDV=triton.next_power_of_2(DV),
-        POS_ON_DEVICE=on_device, **launch)
+        POS_ON_DEVICE=on_device, enable_fp_fusion=False, **launch)
     return o
