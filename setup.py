@@ -16,8 +16,10 @@ import sys
 
 from setuptools import setup
 
-# Ampere and Hopper cubins, plus Hopper PTX so newer GPUs can JIT-compile the kernels.
+# Ampere and Hopper cubins, plus Hopper PTX so newer GPUs can JIT-compile the kernels; with the Hopper kernels
+# (kernels/sm90/, wgmma) also sm_90a, the only target that has those instructions.
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+HOPPER_ARCH_LIST = "8.0;9.0a;9.0+PTX"
 
 
 def _forced() -> bool | None:
@@ -51,6 +53,20 @@ def _cuda_home() -> str | None:
     return next((root for root in candidates if complete(root)), None)
 
 
+def _cutlass_include() -> str | None:
+    """CUTLASS/CuTe headers for the Hopper kernels: $CUTLASS_PATH/include, else the `nvidia-cutlass` wheel's copy
+    (`cutlass_library/source/include`), else None."""
+    roots = []
+    if os.environ.get("CUTLASS_PATH"):
+        roots.append(os.path.join(os.environ["CUTLASS_PATH"], "include"))
+    try:
+        import cutlass_library
+        roots.append(os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include"))
+    except ImportError:
+        pass
+    return next((r for r in roots if os.path.isfile(os.path.join(r, "cute", "tensor.hpp"))), None)
+
+
 def _why_not_buildable() -> str | None:
     """None when the extension can be built here, else why not."""
     try:
@@ -77,20 +93,32 @@ def _extension_args() -> dict:
         print(f"based: CUDA extension based._C skipped: {reason}; installing the pure-Python package")
         return {}
 
+    cutlass = _cutlass_include()
     # torch reads both at import time of cpp_extension, so set them first.
     os.environ["CUDA_HOME"] = _cuda_home()
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", HOPPER_ARCH_LIST if cutlass else DEFAULT_ARCH_LIST)
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     # setuptools wants source paths relative to this file's folder, which is pip's working directory.
     here = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(glob.glob("csrc/*.cpp", root_dir=here)) + sorted(glob.glob("kernels/*.cu", root_dir=here))
+    include_dirs = [os.path.join(here, "csrc")]
+    nvcc_flags = ["-O3", "-lineinfo"]
+    if cutlass is None:
+        print("based: Hopper kernels (kernels/sm90/) skipped: no CUTLASS headers "
+              "(pip install nvidia-cutlass, or set CUTLASS_PATH)")
+    else:
+        sources += sorted(glob.glob("csrc/sm90/*.cpp", root_dir=here))
+        sources += sorted(glob.glob("kernels/sm90/*.cu", root_dir=here))
+        include_dirs.append(cutlass)
+        nvcc_flags += ["--expt-relaxed-constexpr", "-std=c++17"]
+        print(f"based: Hopper kernels built with the CUTLASS headers in {cutlass}")
     print(f"based: building based._C for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     extension = CUDAExtension(
         name="based._C",
         sources=sources,
-        include_dirs=[os.path.join(here, "csrc")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 
