@@ -3,6 +3,8 @@
     python benchmarks/prefill.py                      # B=8, H=16, d=16, dv=64, bf16, T = 1k..16k
     python benchmarks/prefill.py --seqlens 4096 --out prefill.json
 
+Our rows: `based triton` (the Triton kernels) and, on a compute capability 9.0 GPU with the Hopper kernels
+built, `based cuda` (the CUDA forward; its backward is the Triton one).
 Times are `triton.testing.do_bench` medians (CUDA events) of the forward and of forward+backward. FA2 is
 `flash_attn` when importable, else PyTorch SDPA's FLASH_ATTENTION backend (the same FlashAttention-2 code),
 causal, head dim = dv. fla's `parallel_based` / `fused_chunk_based` run when the package is installed.
@@ -44,6 +46,17 @@ def flops_per_token_head(d: int, dv: int, chunk: int = 64) -> float:
     return 2 * chunk * d + 2 * chunk * dv + 2 * 2 * features * dv
 
 
+def hopper_backend(device, dtype, d: int, dv: int) -> list[str]:
+    """["cuda"] when the Hopper forward (`backend="cuda"`) takes these shapes on this machine, else []."""
+    from based.ops.linear_attention.cuda_op import unsupported_reason  # noqa: PLC0415
+
+    probe = torch.empty(1, 1, 1, d, device=device, dtype=dtype), torch.empty(1, 1, 1, dv, device=device, dtype=dtype)
+    reason = unsupported_reason(*probe, True)
+    if reason is not None:
+        print(f"based cuda: not run ({reason})")
+    return [] if reason else ["cuda"]
+
+
 def fla_kernels():
     try:
         from fla.ops.based import fused_chunk_based, parallel_based
@@ -80,6 +93,7 @@ def main(argv=None) -> int:
     env = environment(device)
     B, H, d, dv = args.batch, args.heads, args.feature_dim, args.value_dim
     fa2_name, fa2 = fa2_causal()
+    backends = ["triton"] + hopper_backend(device, dtype, d, dv)
     fla = fla_kernels()
     bandwidth, matmul_rate = ceilings()
     print(banner(env))
@@ -93,21 +107,23 @@ def main(argv=None) -> int:
 
         qkv = (make(d), make(d), make(dv))
         fa2_qkv = (make(dv), make(dv), make(dv))
-        ours = lambda q, k, v: linear_attention(q, k, v)  # noqa: E731 (the default: Triton on CUDA)
+        ours = {f"based {backend}": (lambda q, k, v, backend=backend: linear_attention(q, k, v, backend=backend))
+                for backend in backends}
         row = {"T": T}
-        for name, fn, inputs in [("based", ours, qkv), (fa2_name, fa2, fa2_qkv)] + [
+        for name, fn, inputs in [(name, fn, qkv) for name, fn in ours.items()] + [(fa2_name, fa2, fa2_qkv)] + [
                 (name, fn, qkv) for name, fn in fla.items()]:
             row[f"{name} fwd ms"] = gpu_ms(fn, inputs, backward=False)
             row[f"{name} fwd+bwd ms"] = gpu_ms(fn, inputs, backward=True)
-        row["based peak MB"] = peak_memory_mb(ours, qkv)
-        row["FA2/based fwd"] = row[f"{fa2_name} fwd ms"] / row["based fwd ms"]
-        row["FA2/based fwd+bwd"] = row[f"{fa2_name} fwd+bwd ms"] / row["based fwd+bwd ms"]
-        if fla:
-            best = min(row[f"{name} fwd ms"] for name in fla)
-            row["best fla/based fwd"] = best / row["based fwd ms"]
         flops = flops_per_token_head(d, dv) * B * H * T
         bytes_moved = B * H * T * (2 * d + 2 * dv) * torch.finfo(dtype).bits // 8
-        row["based fwd TFLOP/s"] = flops / (row["based fwd ms"] * 1e-3) / 1e12
+        for name, fn in ours.items():
+            row[f"{name} peak MB"] = peak_memory_mb(fn, qkv)
+            for what in ("fwd", "fwd+bwd"):
+                row[f"FA2/{name} {what}"] = row[f"{fa2_name} {what} ms"] / row[f"{name} {what} ms"]
+                if fla:
+                    best = min(row[f"{other} {what} ms"] for other in fla)
+                    row[f"best fla/{name} {what}"] = best / row[f"{name} {what} ms"]
+            row[f"{name} fwd TFLOP/s"] = flops / (row[f"{name} fwd ms"] * 1e-3) / 1e12
         row["floor ms"] = 1e3 * max(flops / matmul_rate, bytes_moved / bandwidth)
         rows.append(row)
 

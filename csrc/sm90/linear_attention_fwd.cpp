@@ -7,6 +7,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <array>
+#include <mutex>
+
 #include "../../kernels/sm90/linear_attention_fwd.h"
 
 namespace based {
@@ -47,11 +50,26 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }
 
 // A view the kernel can read with 16-byte copies: unit stride in the last dim, every other stride and the start
-// a multiple of 8 elements; otherwise a contiguous copy.
+// a multiple of 8 elements; otherwise a fresh contiguous copy (`contiguous()` alone would keep a contiguous view
+// whose start is misaligned).
 at::Tensor aligned(const at::Tensor& x) {
   bool ok = x.stride(3) == 1 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
   for (int i = 0; i < 3; ++i) ok = ok && x.stride(i) % 8 == 0;
-  return ok ? x : x.contiguous();
+  return ok ? x : x.clone(at::MemoryFormat::Contiguous);
+}
+
+// Whether `device` has compute capability 9.0, asked of the driver once per device.
+bool is_sm90(int device) {
+  static std::array<std::once_flag, 64> once;
+  static std::array<bool, 64> answer;
+  TORCH_CHECK(device >= 0 && device < 64, "linear_attention_fwd_sm90: device index ", device, " out of range");
+  std::call_once(once[device], [device] {
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    answer[device] = major == 9 && minor == 0;
+  });
+  return answer[device];
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
@@ -60,11 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   check_inputs(q_in, k_in, v_in, kv0, ksum0);
   TORCH_CHECK_VALUE(q_in.is_cuda(), "linear_attention_fwd_sm90: needs CUDA tensors, got q on ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
-  int major = 0, minor = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q_in.get_device()));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q_in.get_device()));
-  TORCH_CHECK_VALUE(major == 9 && minor == 0, "linear_attention_fwd_sm90: needs a compute capability 9.0 GPU, got ",
-                    major, ".", minor);
+  TORCH_CHECK_VALUE(is_sm90(q_in.get_device()), "linear_attention_fwd_sm90: needs a compute capability 9.0 GPU");
   const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), dv = v.size(3);
   at::Tensor o = at::empty({B, T, H, dv}, v.options());

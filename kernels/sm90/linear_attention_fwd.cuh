@@ -125,7 +125,7 @@ struct Config {
     array_aligned<Element, cosize_v<QKLayout>, 1024> k[2];
     array_aligned<Element, cosize_v<VOutLayout>, 1024> v_out[2];
     array_aligned<Element, cosize_v<VStateLayout>, 1024> v_state[2];
-    array_aligned<Element, cosize_v<PhiKLayout>, 1024> phi_k;
+    array_aligned<Element, cosize_v<PhiKLayout>, 1024> phi_k[2];
     array_aligned<Element, kSnapSize, 1024> snap[2];
     float ksum_parts[kKsumParts][kFeatures];
   };
@@ -168,6 +168,21 @@ __device__ __forceinline__ uint4 pack_features(const float (&x)[kDim], bool vali
   if (!valid) return make_uint4(0, 0, 0, 0);
   return make_uint4(pack2<Element>(feature<F>(x), feature<F + 1>(x)), pack2<Element>(feature<F + 2>(x), feature<F + 3>(x)),
                     pack2<Element>(feature<F + 4>(x), feature<F + 5>(x)), pack2<Element>(feature<F + 6>(x), feature<F + 7>(x)));
+}
+
+// Chunk c of v (64 tokens x DV) into a shared-memory tensor indexed (value column, token), by the 128 threads of
+// one warpgroup with 16-byte copies; tokens past the end are zeros.
+template <int DV, class Element, class SV>
+__device__ __forceinline__ void load_values(SV& s_v, const Element* v, int64_t seq_stride, int c, int seqlen,
+                                            int tid) {
+  constexpr int kPerRow = DV / 8;
+  CUTE_UNROLL
+  for (int i = tid; i < kChunk * kPerRow; i += 128) {
+    const int row = i / kPerRow, col = (i % kPerRow) * 8;
+    const int t = c * kChunk + row;
+    const bool valid = t < seqlen;
+    cp_async_16(&s_v(col, row), v + (valid ? t : 0) * seq_stride + col, valid);
+  }
 }
 
 // Features [F, End) of one token into its row of phi(k), 8 per 16-byte store.
@@ -261,14 +276,7 @@ __global__ void __launch_bounds__(kThreads, 1) linear_attention_fwd_kernel(const
       cp_async_16(&s_q(row, col), q + tt * p.q_seq_stride + col, valid);
       cp_async_16(&s_k(row, col), k + tt * p.k_seq_stride + col, valid);
       Tensor s_v = make_tensor(make_smem_ptr(smem.v_out[stage].data()), typename Cfg::VOutLayout{});
-      constexpr int kPerRow = DV / 8;
-      CUTE_UNROLL
-      for (int i = tid; i < kChunk * kPerRow; i += 128) {
-        const int vrow = i / kPerRow, vcol = (i % kPerRow) * 8;
-        const int vt = c * kChunk + vrow;
-        const bool vvalid = vt < p.seqlen;
-        cp_async_16(&s_v(vcol, vrow), v + (vvalid ? vt : 0) * p.v_seq_stride + vcol, vvalid);
-      }
+      load_values<DV>(s_v, v, p.v_seq_stride, c, p.seqlen, tid);
     };
 
     typename Cfg::MmaScores mma_scores;
@@ -426,58 +434,53 @@ __global__ void __launch_bounds__(kThreads, 1) linear_attention_fwd_kernel(const
 
     auto load_v = [&](int c, int stage) {
       Tensor s_v = make_tensor(make_smem_ptr(smem.v_state[stage].data()), typename Cfg::VStateLayout{});
-      constexpr int kPerRow = DV / 8;
-      CUTE_UNROLL
-      for (int i = tid; i < kChunk * kPerRow; i += 128) {
-        const int vrow = i / kPerRow, vcol = (i % kPerRow) * 8;
-        const int vt = c * kChunk + vrow;
-        const bool vvalid = vt < p.seqlen;
-        cp_async_16(&s_v(vcol, vrow), v + (vvalid ? vt : 0) * p.v_seq_stride + vcol, vvalid);
-      }
+      load_values<DV>(s_v, v, p.v_seq_stride, c, p.seqlen, tid);
+      cp_async_commit();
     };
-    // Thread (token tid / 2, half tid % 2) builds features [80 * half, 80 * half + 80) of its token.
+    // Thread (token tid / 2, half tid % 2) builds features [80 * half, 80 * half + 80) of its token, from the raw
+    // key row loaded one chunk earlier so that the load's latency hides behind a whole chunk.
     const int my_t = tid / 2, half = tid % 2;
-    auto load_k = [&](int c, float (&x)[kDim]) {
+    auto load_k = [&](int c, uint4 (&raw)[2]) {
       const int t = c * kChunk + my_t;
       if (t < p.seqlen) {
         const uint4* src = reinterpret_cast<const uint4*>(k + t * p.k_seq_stride);
-        uint4 raw[2] = {src[0], src[1]};
-        const Element* e = reinterpret_cast<const Element*>(raw);
-        CUTE_UNROLL
-        for (int i = 0; i < kDim; ++i) x[i] = to_float(e[i]);
+        raw[0] = src[0];
+        raw[1] = src[1];
       } else {
-        CUTE_UNROLL
-        for (int i = 0; i < kDim; ++i) x[i] = 0.f;
+        raw[0] = raw[1] = make_uint4(0, 0, 0, 0);
       }
     };
-
-    Tensor s_phi = make_tensor(make_smem_ptr(smem.phi_k.data()), typename Cfg::PhiKLayout{});
-    float k_next[kDim];
-    load_k(0, k_next);
-    load_v(0, 0);
-    cp_async_commit();
-    for (int c = 0; c < n_chunks; ++c) {
-      const int stage = c % 2;
+    auto build_phi_k = [&](int c, const uint4 (&raw)[2]) {
+      Tensor s_phi = make_tensor(make_smem_ptr(smem.phi_k[c % 2].data()), typename Cfg::PhiKLayout{});
+      const Element* e = reinterpret_cast<const Element*>(raw);
       float x[kDim];
       CUTE_UNROLL
-      for (int i = 0; i < kDim; ++i) x[i] = k_next[i];
-      if (c + 1 < n_chunks) {
-        load_k(c + 1, k_next);
-        load_v(c + 1, stage ^ 1);
-      }
-      cp_async_commit();
-
+      for (int i = 0; i < kDim; ++i) x[i] = to_float(e[i]);
       const bool valid = c * kChunk + my_t < p.seqlen;
       if (half == 0) {
         store_features<0, 80, Element>(x, valid, s_phi, my_t);
       } else {
         store_features<80, 160, Element>(x, valid, s_phi, my_t);
       }
-      cp_async_wait<1>();
+    };
+
+    // Chunk c: its phi(k) and v are in shared memory when the loop reaches it; the update of the state by chunk
+    // c runs on the tensor cores while the threads sum its phi(k) into ksum and build phi(k) of chunk c + 1.
+    uint4 k_raw[2];
+    load_k(0, k_raw);
+    load_v(0, 0);
+    build_phi_k(0, k_raw);
+    if (n_chunks > 1) load_k(1, k_raw);
+    for (int c = 0; c < n_chunks; ++c) {
+      const int stage = c % 2;
+      cp_async_wait<0>();
       cutlass::arch::fence_view_async_shared();
+      // phi(k) and v of chunk c are complete; the update by chunk c - 1 is done, so its buffers are free.
       bar_sync(kStateGroup, 128);
+      if (c + 1 < n_chunks) load_v(c + 1, stage ^ 1);
 
       Tensor s_v = make_tensor(make_smem_ptr(smem.v_state[stage].data()), typename Cfg::VStateLayout{});
+      Tensor s_phi = make_tensor(make_smem_ptr(smem.phi_k[stage].data()), typename Cfg::PhiKLayout{});
       Tensor t_v = thr_state.partition_fragment_A(s_v);
       Tensor t_phi = thr_state.partition_fragment_B(s_phi);
       warpgroup_fence_operand(acc);
@@ -486,8 +489,9 @@ __global__ void __launch_bounds__(kThreads, 1) linear_attention_fwd_kernel(const
       CUTE_UNROLL
       for (int kb = 0; kb < kChunk / 16; ++kb) gemm(mma_state, t_v(_, _, kb), t_phi(_, _, kb), acc);
       warpgroup_commit_batch();
-      // ksum from the same phi(k) while the update runs: thread (group g, part) adds features [8g, 8g + 8) over
-      // tokens part, part + 6, ... with 16-byte loads; then thread f adds the six parts of feature f.
+
+      // ksum: thread (group g, part) adds features [8g, 8g + 8) over tokens part, part + 6, ... with 16-byte
+      // loads; then thread f adds the six parts of feature f.
       if (tid < kKsumGroups * kKsumParts) {
         const int g = tid % kKsumGroups, part = tid / kKsumGroups;
         float sum[8] = {};
@@ -499,6 +503,10 @@ __global__ void __launch_bounds__(kThreads, 1) linear_attention_fwd_kernel(const
         }
         CUTE_UNROLL
         for (int i = 0; i < 8; ++i) smem.ksum_parts[part][8 * g + i] = sum[i];
+      }
+      if (c + 1 < n_chunks) {
+        build_phi_k(c + 1, k_raw);
+        if (c + 2 < n_chunks) load_k(c + 2, k_raw);
       }
       bar_sync(kStateGroup, 128);
       CUTE_UNROLL
@@ -517,7 +525,6 @@ __global__ void __launch_bounds__(kThreads, 1) linear_attention_fwd_kernel(const
         if (c + 1 >= 2) bar_sync(kEmpty0 + buf, 256);
         write_snapshot(buf);
       }
-      bar_sync(kStateGroup, 128);  // phi_k and v_state[stage] are free for the next chunk
     }
 
     if (p.kv_out != nullptr) {
@@ -541,8 +548,16 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
   using Cfg = Config<Element, DV>;
   constexpr int smem = sizeof(typename Cfg::SharedStorage);
   auto kernel = linear_attention_fwd_kernel<Element, DV>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  // The shared-memory limit is raised once per device, not on every launch.
+  static bool raised[64] = {};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
+  if (device < 64 && !raised[device]) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+    raised[device] = true;
+  }
   kernel<<<p.batch * p.heads, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }

@@ -8,6 +8,7 @@ from based.ops._validate import (
     KERNEL_DTYPES, check_bool, check_dims_match, check_nonnegative, check_same_device, check_shape, check_tensor,
 )
 from based.ops.feature_map.reference import feature_dim_of
+from based.ops.linear_attention.cuda_op import linear_attention_cuda
 from based.ops.linear_attention.reference import linear_attention_step_torch, linear_attention_torch
 from based.ops.linear_attention.state import LinearAttentionState, accumulation_dtype
 
@@ -32,8 +33,9 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         initial_state: optional `LinearAttentionState` with kv `[B, H, E, dv]` and ksum `[B, H, E]`,
             `E = 1 + d + d*(d+1)/2`, fp32 (fp64 allowed with fp64 inputs).
         return_state: also return the final state (initial state included).
-        backend: "auto" (Triton kernels on CUDA for fp16/bf16/fp32 and d <= 16, else the reference),
-            "torch" or "triton".
+        backend: "auto" (Triton kernels on CUDA for fp16/bf16/fp32 and d <= 16, else the reference), "torch",
+            "triton" or "cuda" (the Hopper forward, compute capability 9.0 and `based._C` built with CUTLASS:
+            causal, fp16/bf16, d = 16, dv in {64, 112, 128}; gradients from the Triton backward).
 
     Returns:
         `o` `[B, T, H, dv]` in v's dtype, and with `return_state` a `LinearAttentionState` (fp32).
@@ -47,7 +49,9 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     check_nonnegative("eps", eps)
     if backend == "auto" and not _kernels_support(q):
         backend = "torch"
-    impl = resolve_backend("linear_attention", backend, q.device, _parallel_implementations())
+    # "auto" keeps to Triton: the Hopper forward's gradients under torch.compile do not yet match eager (issue 13).
+    impl = resolve_backend("linear_attention", backend, q.device, _parallel_implementations(),
+                           auto_order=("triton",))
     return impl(q, k, v, causal, normalize, eps, initial_state, return_state)
 
 
@@ -58,6 +62,8 @@ def _kernels_support(q: torch.Tensor) -> bool:
 
 def _parallel_implementations():
     impls = {"torch": linear_attention_torch}
+    if cuda_extension_available():
+        impls["cuda"] = linear_attention_cuda
     if triton_available():
         from based.ops.linear_attention.triton_op import linear_attention_triton  # noqa: PLC0415 (needs triton)
 

@@ -12,6 +12,7 @@ import functools
 import math
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from based.ops.feature_map.reference import feature_dim_of
 
@@ -48,14 +49,35 @@ def _raw_from_public_matrix(d: int, dp: int, device: torch.device) -> torch.Tens
     return n.to(device)
 
 
+def _matrix(build, d: int, dp: int, like: torch.Tensor) -> torch.Tensor:
+    """`build(d, dp, device)` in float32, from its cache in eager mode; made afresh while `like` is a fake tensor
+    (torch.compile / AOT tracing of an autograd formula), where a cached real tensor may not enter the graph."""
+    if is_fake(like):
+        return build.__wrapped__(d, dp, like.device).float()
+    return build(d, dp, like.device).float()
+
+
 def public_from_raw(kv_raw: torch.Tensor, z_raw: torch.Tensor, d: int, dp: int):
     """([B, H, F, DV], [B, H, F]) raw -> ([B, H, E, DV], [B, H, E]) public, float32."""
-    m = _public_from_raw_matrix(d, dp, kv_raw.device).float()
+    m = _matrix(_public_from_raw_matrix, d, dp, kv_raw)
     return torch.einsum("ef,bhfv->bhev", m, kv_raw), torch.einsum("ef,bhf->bhe", m, z_raw)
 
 
 def raw_from_public(kv: torch.Tensor, ksum: torch.Tensor, d: int, dp: int):
     """([B, H, E, DV], [B, H, E]) public -> raw ([B, H, F, DV], [B, H, F]), float32."""
-    n = _raw_from_public_matrix(d, dp, kv.device).float()
+    n = _matrix(_raw_from_public_matrix, d, dp, kv)
     return (torch.einsum("fe,bhev->bhfv", n, kv.float()).contiguous(),
             torch.einsum("fe,bhe->bhf", n, ksum.float()).contiguous())
+
+
+def raw_grads_from_public(d_kv: torch.Tensor, d_ksum: torch.Tensor, d: int, dp: int):
+    """Gradients of a public state -> gradients of the raw sums it was made from (public = M @ raw, so M^T)."""
+    m = _matrix(_public_from_raw_matrix, d, dp, d_kv)
+    return (torch.einsum("ef,bhev->bhfv", m, d_kv.float()).contiguous(),
+            torch.einsum("ef,bhe->bhf", m, d_ksum.float()).contiguous())
+
+
+def public_grads_from_raw(d_kv_raw: torch.Tensor, d_z_raw: torch.Tensor, d: int, dp: int):
+    """Gradients of raw sums made from a public state -> gradients of that public state (raw = N @ public)."""
+    n = _matrix(_raw_from_public_matrix, d, dp, d_kv_raw)
+    return torch.einsum("fe,bhfv->bhev", n, d_kv_raw), torch.einsum("fe,bhf->bhe", n, d_z_raw)

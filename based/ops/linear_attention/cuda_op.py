@@ -1,0 +1,112 @@
+"""The Hopper forward kernel as the "cuda" backend of `linear_attention`.
+
+`torch.ops.based.linear_attention_fwd_sm90` (kernel: kernels/sm90/linear_attention_fwd.cuh; host code and C++
+checks: csrc/sm90/linear_attention_fwd.cpp) runs the causal forward on compute capability 9.0 for d = 16,
+dv in {64, 112, 128} and fp16/bf16 inputs, with the initial and final state in the public layout. It exists only
+when `based._C` was built with the CUTLASS headers. Gradients come from the Triton backward kernels
+(`triton_op`), which read the normaliser this forward saves; the state layouts are converted around them.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from based.ops._backend import cuda_extension_available
+from based.ops.linear_attention.state import LinearAttentionState
+from based.ops.linear_attention.state_layout import public_grads_from_raw, raw_from_public, raw_grads_from_public
+
+FEATURE_DIM = 16
+VALUE_DIMS = (64, 112, 128)  # kFwdSm90ValueDims in kernels/sm90/linear_attention_fwd.h
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_built() -> bool:
+    """Whether based._C has the Hopper forward (it was built with the CUTLASS headers)."""
+    if not cuda_extension_available():
+        return False
+    from based import _C  # noqa: F401  (importing registers torch.ops.based.*)
+
+    return hasattr(torch.ops.based, "linear_attention_fwd_sm90")
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def unsupported_reason(q: torch.Tensor, v: torch.Tensor, causal: bool) -> str | None:
+    """Why the kernel cannot take these inputs, or None when it can."""
+    if not kernel_built():
+        return "based._C was built without the Hopper kernels (no CUDA extension, or no CUTLASS headers)"
+    if q.device.type != "cuda":
+        return f"it needs CUDA tensors, got q on {q.device}"
+    capability = _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    if capability != (9, 0):
+        return f"it needs a compute capability 9.0 GPU, got {capability}"
+    if not causal:
+        return "it is causal only"
+    if q.dtype not in DTYPES:
+        return f"it takes float16 or bfloat16 inputs, got {q.dtype}"
+    if q.shape[-1] != FEATURE_DIM:
+        return f"it takes a feature dim of {FEATURE_DIM}, got q of shape {tuple(q.shape)}"
+    if v.shape[-1] not in VALUE_DIMS:
+        return f"it takes a value dim in {VALUE_DIMS}, got v of shape {tuple(v.shape)}"
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv0, ksum0, normalize, _eps, _return_den, _return_state = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], kv0, ksum0)
+    ctx.normalize = normalize
+
+
+def _backward(ctx, do, _d_den, d_kv, d_ksum):
+    from based.ops.linear_attention.triton_common import padded_feature_dim  # noqa: PLC0415 (needs triton)
+    from based.ops.linear_attention.triton_op import _backward_op  # noqa: PLC0415
+
+    q, k, v, o, den, kv0, ksum0 = ctx.saved_tensors
+    dp = padded_feature_dim(FEATURE_DIM)
+    state0 = z0 = None
+    if kv0 is not None:
+        state0, z0 = raw_from_public(kv0, ksum0, FEATURE_DIM, dp)
+    d_state = d_z = None
+    used = [g is not None and g.numel() > 0 for g in (d_kv, d_ksum)]
+    if any(used):
+        B, _, H, _ = q.shape
+        d_kv = d_kv if used[0] else q.new_zeros(B, H, 1 + FEATURE_DIM * (FEATURE_DIM + 3) // 2, v.shape[-1],
+                                                dtype=torch.float32)
+        d_ksum = d_ksum if used[1] else q.new_zeros(d_kv.shape[:-1], dtype=torch.float32)
+        d_state, d_z = raw_grads_from_public(d_kv, d_ksum, FEATURE_DIM, dp)
+    need_d_state0 = kv0 is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+    dq, dk, dv, d_state0, d_z0 = _backward_op(q, k, v, o, do, den, state0, z0, d_state, d_z, True, ctx.normalize,
+                                              need_d_state0)
+    d_kv0 = d_ksum0 = None
+    if need_d_state0:
+        d_kv0, d_ksum0 = public_grads_from_raw(d_state0, d_z0, FEATURE_DIM, dp)
+    return dq, dk, dv, d_kv0, d_ksum0, None, None, None, None
+
+
+# At import, not on first use: torch.compile must not meet the registration inside a traced function.
+if kernel_built():
+    torch.library.register_autograd("based::linear_attention_fwd_sm90", _backward, setup_context=_setup_context)
+
+
+def linear_attention_cuda(q, k, v, causal: bool, normalize: bool, eps: float,
+                          initial_state: LinearAttentionState | None, return_state: bool):
+    """Same contract as `reference.linear_attention_torch`, forward on the Hopper kernel (see the module
+    docstring for the inputs it takes; others raise ValueError/TypeError naming the reason)."""
+    reason = unsupported_reason(q, v, causal)
+    if reason is not None:
+        raise (TypeError if "float16 or bfloat16" in reason else ValueError)(
+            f"linear_attention(backend='cuda'): {reason}")
+    kv0 = ksum0 = None
+    if initial_state is not None:
+        kv0, ksum0 = initial_state.kv.float(), initial_state.ksum.float()
+    # The normaliser is kept whenever there is one: the backward needs it, and it costs 4 bytes per token-head.
+    o, _, kv, ksum = torch.ops.based.linear_attention_fwd_sm90(q, k, v, kv0, ksum0, normalize, eps, normalize,
+                                                               return_state)
+    if not return_state:
+        return o
+    return o, LinearAttentionState(kv, ksum)
