@@ -21,14 +21,21 @@ VALUE_DIMS = (64, 112, 128)  # kFwdSm90ValueDims in kernels/sm90/linear_attentio
 DTYPES = (torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
-def kernel_built() -> bool:
-    """Whether based._C has the Hopper forward (it was built with the CUTLASS headers)."""
+def _kernel_built() -> bool:
     if not cuda_extension_available():
         return False
     from based import _C  # noqa: F401  (importing registers torch.ops.based.*)
 
     return hasattr(torch.ops.based, "linear_attention_fwd_sm90")
+
+
+# Decided once at import: torch.compile traces the dispatch, and an import attempt inside it is a graph break.
+KERNEL_BUILT = _kernel_built()
+
+
+def kernel_built() -> bool:
+    """Whether based._C has the Hopper forward (it was built with the CUTLASS headers)."""
+    return KERNEL_BUILT
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,7 +96,7 @@ def _backward(ctx, do, _d_den, d_kv, d_ksum):
 
 
 # At import, not on first use: torch.compile must not meet the registration inside a traced function.
-if kernel_built():
+if KERNEL_BUILT:
     torch.library.register_autograd("based::linear_attention_fwd_sm90", _backward, setup_context=_setup_context)
 
 

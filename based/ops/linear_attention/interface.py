@@ -8,7 +8,7 @@ from based.ops._validate import (
     KERNEL_DTYPES, check_bool, check_dims_match, check_nonnegative, check_same_device, check_shape, check_tensor,
 )
 from based.ops.feature_map.reference import feature_dim_of
-from based.ops.linear_attention.cuda_op import linear_attention_cuda
+from based.ops.linear_attention import cuda_op
 from based.ops.linear_attention.reference import linear_attention_step_torch, linear_attention_torch
 from based.ops.linear_attention.state import LinearAttentionState, accumulation_dtype
 
@@ -62,8 +62,8 @@ def _kernels_support(q: torch.Tensor) -> bool:
 
 def _parallel_implementations():
     impls = {"torch": linear_attention_torch}
-    if cuda_extension_available():
-        impls["cuda"] = linear_attention_cuda
+    if cuda_op.KERNEL_BUILT:
+        impls["cuda"] = cuda_op.linear_attention_cuda
     if triton_available():
         from based.ops.linear_attention.triton_op import linear_attention_triton  # noqa: PLC0415 (needs triton)
 
