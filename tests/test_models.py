@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from based.models import (BasedConfig, BasedLM, KVCache, ModelCache, Transformer, TransformerConfig,
                           attention_backend_name)
@@ -310,3 +311,69 @@ def test_based_decodes_past_max_seqlen():
 def test_model_needs_its_own_config_class():
     with pytest.raises(TypeError, match="BasedConfig"):
         BasedLM(TINY_TRANSFORMER)
+
+
+# ---- training: the fused loss and activation checkpointing ------------------------------------------
+
+def reference_loss(model, ids, labels):
+    logits = model(ids)
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # .float(), fp64 kept
+    return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten())
+
+
+@pytest.mark.parametrize("kind", ["based", "transformer"])
+def test_labels_give_the_next_token_loss_and_its_gradients(kind):
+    model = tiny_model(kind).train().double()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=gen)
+    labels = ids.clone()
+    labels[0, 4] = labels[1, 0] = -100
+    loss = model(ids, labels=labels)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ref = reference_loss(model, ids, labels)
+    ref.backward()
+    assert loss.shape == () and abs(loss.item() - ref.item()) < 1e-10
+    for name, p in model.named_parameters():
+        assert_close(grads[name], p.grad, torch.float64, name)
+
+
+@pytest.mark.parametrize("kind", ["based", "transformer"])
+def test_activation_checkpointing_changes_nothing_but_memory(kind):
+    model = tiny_model(kind).train()
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    results = []
+    for checkpointing in (False, True):
+        model.activation_checkpointing = checkpointing
+        model.zero_grad()
+        loss = model(ids, labels=ids)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss0, grads0), (loss1, grads1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-6, atol=1e-7)
+
+
+def test_compiled_training_forward_has_no_graph_break():
+    model = tiny_model("based").train()
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(2))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    loss = compiled(ids, labels=ids)
+    loss.backward()
+    assert abs(loss.item() - model(ids, labels=ids).item()) < 1e-6
+
+
+def test_labels_are_checked():
+    model = tiny_model("based")
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="labels must be an int64 tensor shaped like input_ids"):
+        model(ids, labels=ids[:, :-1])
+    with pytest.raises(ValueError, match="labels must be an int64 tensor shaped like input_ids"):
+        model(ids, labels=ids.int())
+    with pytest.raises(ValueError, match="labels and cache"):
+        model(ids, model.new_cache(2, 8), labels=ids)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        model(ids, labels=ids + 1000)

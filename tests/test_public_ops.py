@@ -171,6 +171,10 @@ CASES = [
          lambda b, x, weight, bias, state, conv_weight, norm_weight: based.ops.linear_gated_conv1d_step(
              x, weight, bias, state, conv_weight, norm_weight=norm_weight, backend=b),
          ("triton",), in_place=("state",)),
+    Case("linear_cross_entropy",
+         lambda g: dict(x=randn(g, 7, 6), weight=randn(g, 9, 6), labels=torch.tensor([1, -100, 8, 0, 3, 3, 5])),
+         lambda b, x, weight, labels: based.ops.linear_cross_entropy(x, weight, labels, chunk_size=3, backend=b)[None],
+         (), grad=("x", "weight")),
 ]
 
 

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
@@ -16,6 +17,7 @@ from based.generation import DecodeSession, check_input_ids, check_token_range
 from based.models.checkpoint import load_pretrained, save_pretrained
 from based.nn import Block, GatedMlp, RMSNorm
 from based.nn.projection import project
+from based.ops import linear_cross_entropy
 
 
 @dataclass
@@ -104,6 +106,9 @@ class CausalLM(nn.Module):
     config_class: type
     # Whether a cache holds at most `max_seqlen` tokens (a static KV cache) or any number (recurrent state).
     bounded_cache: bool = False
+    # Recompute each block's activations in the backward instead of keeping them (training at long contexts):
+    # set `model.activation_checkpointing = True`. Applies to forwards without a cache while gradients are on.
+    activation_checkpointing: bool = False
 
     def __init__(self, config, *, device=None, dtype=None):
         super().__init__()
@@ -168,11 +173,18 @@ class CausalLM(nn.Module):
                   for layer in self.transformer.layers]
         return ModelCache(layers, position, max_seqlen, batch_size, self.bounded_cache)
 
-    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None, *,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits `[B, T, padded_vocab_size]` for `input_ids` `[B, T]` (int64, ids in `[0, config.vocab_size)`).
 
         With `cache`, the tokens continue the sequence the cache has consumed; the Transformer raises ValueError
         when they would pass its `max_seqlen`, Based decodes on for any number of tokens.
+
+        With `labels` (`[B, T]` int64, aligned with `input_ids` as Hugging Face models take them: position t's
+        label is the token at t; -100 is ignored) it returns the mean next-token cross-entropy instead, a 0-dim
+        fp32 tensor: `F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten())`, computed
+        by `based.ops.linear_cross_entropy` in chunks of tokens fused with the LM head, so the full logits are
+        never formed. Not with a cache.
 
         The id range is checked with one host read of the ids, skipped where it would cost a sync inside a
         decode step: while a CUDA graph is captured and while `torch.compile` traces (so
@@ -182,7 +194,18 @@ class CausalLM(nn.Module):
         check_input_ids(input_ids, self.device)
         if not self._tracing():
             check_token_range(input_ids, self.config.vocab_size)
-        return self._logits(input_ids, cache)
+        if labels is None:
+            return self._logits(input_ids, cache)
+        if cache is not None:
+            raise ValueError("labels and cache cannot be given together: the loss is a training-time forward")
+        if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != input_ids.shape:
+            raise ValueError(f"labels must be an int64 tensor shaped like input_ids {tuple(input_ids.shape)}, got "
+                             f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__} "
+                             f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else ''}")
+        if labels.device != input_ids.device:
+            raise ValueError(f"labels is on {labels.device} but input_ids on {input_ids.device}")
+        hidden = self.transformer.ln_f(self._residual(input_ids, None))
+        return linear_cross_entropy(hidden[:, :-1].flatten(0, 1), self.lm_head.weight, labels[:, 1:].flatten())
 
     def _logits(self, input_ids: torch.Tensor, cache: ModelCache | None) -> torch.Tensor:
         """`forward` without the id-range check: for decode steps whose ids were sampled below vocab_size."""
@@ -191,14 +214,22 @@ class CausalLM(nn.Module):
             self._check_cache(cache, B)
             if not self._tracing():
                 cache.consume(T)
-        layer_caches = cache.layers if cache is not None else [None] * len(self.transformer.layers)
-        residual = self.transformer.embeddings(input_ids)
-        for layer, layer_cache in zip(self.transformer.layers, layer_caches):
-            residual = layer(residual, layer_cache)
-        logits = project(self.lm_head, residual, norm=self.transformer.ln_f)
+        logits = project(self.lm_head, self._residual(input_ids, cache), norm=self.transformer.ln_f)
         if cache is not None:
             cache.position.add_(T)
         return logits
+
+    def _residual(self, input_ids: torch.Tensor, cache: ModelCache | None) -> torch.Tensor:
+        """The residual stream after the last block (before the final norm)."""
+        layer_caches = cache.layers if cache is not None else [None] * len(self.transformer.layers)
+        residual = self.transformer.embeddings(input_ids)
+        checkpointed = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
+        for layer, layer_cache in zip(self.transformer.layers, layer_caches):
+            if checkpointed:
+                residual = torch.utils.checkpoint.checkpoint(layer, residual, use_reentrant=False)
+            else:
+                residual = layer(residual, layer_cache)
+        return residual
 
     def _tracing(self) -> bool:
         """Whether this forward is being captured into a CUDA graph or traced by torch.compile: Python runs once

@@ -1,4 +1,5 @@
 """Ops of Based models. Each takes `backend="auto" | "torch" | "triton" | "cuda"`."""
+from based.ops.cross_entropy import linear_cross_entropy
 from based.ops.feature_map import feature_dim_of, taylor_feature_map
 from based.ops.linear import linear, stacked_linear
 from based.ops.linear_attention import LinearAttentionState, linear_attention, linear_attention_step
@@ -32,4 +33,5 @@ __all__ = [
     "causal_conv1d_step",
     "gated_conv1d_step",
     "linear_gated_conv1d_step",
+    "linear_cross_entropy",
 ]
