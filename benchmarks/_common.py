@@ -193,3 +193,17 @@ def ceilings():
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     mm_ms = triton.testing.do_bench(lambda: a @ a, return_mode="median")
     return copy_bandwidth(), 2 * 8192**3 / (mm_ms * 1e-3)
+
+
+def model_configs(name: str):
+    """(BasedConfig, TransformerConfig): the Based config `name` and its Transformer++ baseline (presets matched
+    in parameter count); "tiny" shrinks the 360M presets alike (same head dim 64 and vocabulary, Based's layer
+    pattern conv, linear attention, sliding window, conv, conv once) for CPU runs."""
+    from based.models import BasedConfig, TransformerConfig
+
+    if name == "tiny":
+        return (BasedConfig.from_preset("based-360m", d_model=256, n_heads=4, n_layers=5,
+                                        linear_attention_layers=(1,), sliding_window_layers=(2,)),
+                TransformerConfig.from_preset("transformer-360m", d_model=256, n_heads=4, n_layers=4))
+    size = name.removeprefix("based-")
+    return BasedConfig.from_preset(name), TransformerConfig.from_preset(f"transformer-{size}")

@@ -29,23 +29,11 @@ import time
 
 import torch
 from _common import (DTYPES, attention_kernel, banner, check_out_path, copy_bandwidth, default_device, dtype_name,
-                     environment, format_table, median_seconds, synchronize, write_results)
+                     environment, format_table, median_seconds, model_configs, synchronize, write_results)
 
 from based.generation import DecodeSession
-from based.models import BasedConfig, BasedLM, Transformer, TransformerConfig
+from based.models import BasedLM, Transformer
 from based.ops.linear_attention.interface import step_backend
-
-
-def model_configs(name: str) -> tuple[BasedConfig, TransformerConfig]:
-    """The Based config `name` and its Transformer++ baseline (presets matched in parameter count)."""
-    if name == "tiny":
-        # The 360M presets shrunk alike: same head dim (64) and vocabulary, and Based's layer pattern
-        # (conv, linear attention, sliding window, conv, conv) once.
-        return (BasedConfig.from_preset("based-360m", d_model=256, n_heads=4, n_layers=5,
-                                        linear_attention_layers=(1,), sliding_window_layers=(2,)),
-                TransformerConfig.from_preset("transformer-360m", d_model=256, n_heads=4, n_layers=4))
-    size = name.removeprefix("based-")
-    return BasedConfig.from_preset(name), TransformerConfig.from_preset(f"transformer-{size}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

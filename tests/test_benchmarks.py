@@ -52,3 +52,21 @@ def test_linear_benchmark_needs_a_gpu():
         pytest.skip("checks the message on a machine without CUDA")
     result = run_script("linear.py")
     assert result.returncode == 1 and "no CUDA device" in result.stderr
+
+
+@pytest.mark.parametrize("extra", [[], ["--loss", "logits", "--activation-checkpointing"]])
+def test_train_throughput_writes_both_models(tmp_path, extra):
+    out = tmp_path / "train.json"
+    result = run_script("train_throughput.py", "--device", "cpu", "--seqlens", "16", "32", "--tokens-per-step", "64",
+                        "--steps", "1", "--warmup", "0", "--out", str(out), *extra)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["model"], r["T"]) for r in rows] == [("Transformer++", 16), ("Transformer++", 32), ("Based", 16),
+                                                    ("Based", 32)]
+    assert all(r["tokens_per_s"] > 0 and r["mode"] == "eager" for r in rows)
+    assert all(r["based_over_transformer"] > 0 for r in rows if r["model"] == "Based")
+
+
+def test_train_throughput_rejects_a_length_that_does_not_divide_the_step():
+    result = run_script("train_throughput.py", "--device", "cpu", "--seqlens", "48", "--tokens-per-step", "64")
+    assert result.returncode != 0 and "divide --tokens-per-step" in result.stderr
