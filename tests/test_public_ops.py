@@ -150,7 +150,7 @@ CASES = [
          ("triton",), grad=("x", "w0", "w1", "norm_weight")),
     Case("rms_norm", lambda g: dict(x=randn(g, 2, 3, 10), weight=randn(g, 10), residual=randn(g, 2, 3, 10)),
          lambda b, x, weight, residual: based.ops.rms_norm(x, weight, residual=residual, backend=b),
-         ("triton",), grad=("x", "weight", "residual")),
+         ("triton",), grad=("x", "weight", "residual"), kernels_differentiable=True),
     Case("apply_rotary", lambda g: dict(x=randn(g, 2, 3, 4, 8),
                                         positions=torch.tensor([3, 7, 11])),
          lambda b, x, positions: based.ops.apply_rotary(x, positions, backend=b), ("triton",),

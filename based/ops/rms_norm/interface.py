@@ -18,7 +18,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *, residu
         weight: `[D]`; its dtype is the output's.
         residual: optional, x's shape, fp32 (the blocks' residual stream; fp64 on the torch backend).
         backend: "auto" (the Triton kernel on CUDA when no gradient is needed and the dtypes suit it, else the
-            reference), "torch" or "triton" (inference only: its output does not carry gradients).
+            reference), "torch" or "triton" (forward and backward kernels; "auto" takes them for training only
+            once measured against the reference and torch.compile on a GPU).
 
     Returns:
         `y` in weight's dtype, computed in fp32 (fp64 for fp64 inputs); with a residual `(y, s)`, s in fp32.
