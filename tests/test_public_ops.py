@@ -158,7 +158,7 @@ CASES = [
     Case("causal_conv1d", conv_inputs,
          lambda b, x, weight, bias, state: based.ops.causal_conv1d(x, weight, bias, initial_state=state,
                                                                    return_state=True, backend=b),
-         (), grad=("x", "weight", "bias", "state")),
+         ("triton",), grad=("x", "weight", "bias", "state"), kernels_differentiable=True),
     Case("causal_conv1d_step", lambda g: {n: t for n, t in conv_inputs(g, step=True).items() if n != "gate"},
          lambda b, x, weight, bias, state: based.ops.causal_conv1d_step(x, state, weight, bias, backend=b),
          ("triton",), in_place=("state",), grad=("x", "weight", "bias")),

@@ -9,9 +9,11 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from based.nn import BaseConv
-from based.ops import causal_conv1d_step, gated_conv1d_step, linear_gated_conv1d_step
+from based.ops import causal_conv1d, causal_conv1d_step, gated_conv1d_step, linear_gated_conv1d_step
 from based.ops._backend import triton_available
 from tests.helpers import assert_close
 from tests.test_nn import decode_in_chunks, randomized
@@ -314,3 +316,61 @@ def test_bad_linear_gated_conv_inputs_raise(change, error, words):
     args.update(change(args))
     with pytest.raises(error, match=words):
         linear_gated_conv1d_step(**args)
+
+
+def direct_conv(x, weight, bias, state):
+    """y_t = sum_i weight[:, i] x_{t-K+1+i} + bias in float64, inputs before the first token from `state`."""
+    B, T, D = x.shape
+    K = weight.shape[1]
+    history = torch.cat([state.double() if state is not None else x.new_zeros(B, D, K, dtype=torch.float64),
+                         x.double().transpose(1, 2)], dim=-1)
+    y = torch.stack([sum(weight[:, i].double() * history[:, :, t + 1 + i] for i in range(K)) for t in range(T)], 1)
+    return y + (bias.double() if bias is not None else 0), history[..., -K:]
+
+
+def check_conv_kernels(B, T, D, K, dtype, with_bias, with_state, device):
+    gen = torch.Generator(device).manual_seed(T * 100 + D)
+
+    def randn(*size):
+        return torch.randn(*size, device=device, generator=gen)
+
+    x = randn(B, T, D).to(dtype).requires_grad_()
+    weight = randn(D, K).to(dtype).requires_grad_()
+    bias = randn(D).to(dtype).requires_grad_() if with_bias else None
+    state = randn(B, D, K).requires_grad_() if with_state else None
+    leaves = [t for t in (x, weight, bias, state) if t is not None]
+    y, new_state = causal_conv1d(x, weight, bias, initial_state=state, return_state=True, backend="triton")
+    gy, gs = randn(B, T, D), randn(B, D, K)
+    got = torch.autograd.grad((y.double() * gy).sum() + (new_state.double() * gs).sum(), leaves)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    it = iter(leaves64)
+    x64, w64 = next(it), next(it)
+    b64 = next(it) if with_bias else None
+    s64 = next(it) if with_state else None
+    y_ref, state_ref = direct_conv(x64, w64, b64, s64)
+    want = torch.autograd.grad((y_ref * gy).sum() + (state_ref * gs).sum(), leaves64)
+    tolerance_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
+    assert y.dtype == dtype and new_state.dtype == torch.float32
+    assert_close(y, y_ref, tolerance_dtype, "y")
+    assert_close(new_state, state_ref, tolerance_dtype, "state")
+    for name, g, w, leaf in zip(("dx", "dweight", "dbias", "dstate"), got, want, leaves):
+        assert g.dtype == leaf.dtype, name
+        assert_close(g, w, tolerance_dtype, name)
+
+
+@interpreter_only
+@nan_filled
+@settings(max_examples=10)
+@given(T=st.sampled_from([1, 2, 5, 13]), D=st.sampled_from([3, 17]), K=st.sampled_from([3, 4]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), with_bias=st.booleans(), with_state=st.booleans())
+def test_interpreted_conv_kernels_match_direct_formula(T, D, K, dtype, with_bias, with_state):
+    check_conv_kernels(2, T, D, K, dtype, with_bias, with_state, "cpu")
+
+
+@pytest.mark.gpu
+@nan_filled
+@pytest.mark.parametrize("T", [1, 2, 63, 64, 65, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_gpu_conv_kernels_match_direct_formula(T, dtype, with_state):
+    check_conv_kernels(2, T, 300, 3, dtype, True, with_state, "cuda")

@@ -26,7 +26,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         initial_state: optional `[B, D, K]`, the last K inputs before `x`, oldest first (only the newest
             K - 1 enter the output; the state keeps K so a decode step can shift-then-dot).
         return_state: also return the state after `x`.
-        backend: "auto" or "torch"; see `based.ops`.
+        backend: "auto" (the reference for now), "torch" or "triton" (forward and backward kernels in the
+            `[B, T, D]` layout, fp16/bf16/fp32).
 
     Returns:
         `y` `[B, T, D]` in x's dtype, computed in fp32 (fp64 for fp64 inputs); with `return_state` also
@@ -39,8 +40,19 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         _check_state("initial_state", initial_state, x, weight)
     check_same_device(x=x, weight=weight, bias=bias, initial_state=initial_state)
     check_bool("return_state", return_state)
-    impl = resolve_backend("causal_conv1d", backend, x.device, {"torch": causal_conv1d_torch})
+    if backend == "auto":
+        backend = "torch"  # the Triton kernels are tested, but not yet measured against the reference on a GPU
+    impl = resolve_backend("causal_conv1d", backend, x.device, _conv_implementations())
     return impl(x, weight, bias, initial_state, return_state)
+
+
+def _conv_implementations():
+    impls = {"torch": causal_conv1d_torch}
+    if triton_available():
+        from based.ops.short_conv.triton_conv import causal_conv1d_triton  # noqa: PLC0415 (needs triton)
+
+        impls["triton"] = causal_conv1d_triton
+    return impls
 
 
 def causal_conv1d_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
