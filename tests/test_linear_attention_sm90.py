@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from based.ops import LinearAttentionState, linear_attention
-from based.ops.linear_attention.cuda_op import kernel_built
+from based.ops.linear_attention.cuda_op import KERNEL_BUILT
 from tests.helpers import assert_close
 from tests.test_linear_attention import quadratic_reference, random_qkv, state_reference
 from tests.test_linear_attention_triton import check_against_reference
@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 
 def _hopper_kernel() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and kernel_built()
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and KERNEL_BUILT
 
 
 pytestmark = [

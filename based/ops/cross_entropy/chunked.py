@@ -32,7 +32,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             if need_dx or need_dw:
                 grad = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
                 grad.scatter_add_(1, target[:, None], -mask[:, None].to(grad.dtype))
-                grad = (grad * (mask[:, None].to(acc) / n_counted)).to(x.dtype)
+                grad = grad.mul_(mask[:, None].to(acc) / n_counted).to(x.dtype)
                 if need_dx:
                     dx[rows] = grad @ weight
                 if need_dw:

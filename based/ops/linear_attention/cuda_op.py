@@ -29,13 +29,9 @@ def _kernel_built() -> bool:
     return hasattr(torch.ops.based, "linear_attention_fwd_sm90")
 
 
-# Decided once at import: torch.compile traces the dispatch, and an import attempt inside it is a graph break.
+# Whether based._C has the Hopper forward (it was built with the CUTLASS headers). Decided once at import:
+# torch.compile traces the dispatch, and an import attempt inside it is a graph break.
 KERNEL_BUILT = _kernel_built()
-
-
-def kernel_built() -> bool:
-    """Whether based._C has the Hopper forward (it was built with the CUTLASS headers)."""
-    return KERNEL_BUILT
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,7 +41,7 @@ def _capability(index: int) -> tuple[int, int]:
 
 def unsupported_reason(q: torch.Tensor, v: torch.Tensor, causal: bool) -> str | None:
     """Why the kernel cannot take these inputs, or None when it can."""
-    if not kernel_built():
+    if not KERNEL_BUILT:
         return "based._C was built without the Hopper kernels (no CUDA extension, or no CUTLASS headers)"
     if q.device.type != "cuda":
         return f"it needs CUDA tensors, got q on {q.device}"
@@ -104,10 +100,11 @@ def linear_attention_cuda(q, k, v, causal: bool, normalize: bool, eps: float,
                           initial_state: LinearAttentionState | None, return_state: bool):
     """Same contract as `reference.linear_attention_torch`, forward on the Hopper kernel (see the module
     docstring for the inputs it takes; others raise ValueError/TypeError naming the reason)."""
+    if q.dtype not in DTYPES:
+        raise TypeError(f"linear_attention(backend='cuda') takes float16 or bfloat16 inputs, got {q.dtype}")
     reason = unsupported_reason(q, v, causal)
     if reason is not None:
-        raise (TypeError if "float16 or bfloat16" in reason else ValueError)(
-            f"linear_attention(backend='cuda'): {reason}")
+        raise ValueError(f"linear_attention(backend='cuda'): {reason}")
     kv0 = ksum0 = None
     if initial_state is not None:
         kv0, ksum0 = initial_state.kv.float(), initial_state.ksum.float()
