@@ -154,7 +154,7 @@ CASES = [
     Case("apply_rotary", lambda g: dict(x=randn(g, 2, 3, 4, 8),
                                         positions=torch.tensor([3, 7, 11])),
          lambda b, x, positions: based.ops.apply_rotary(x, positions, backend=b), ("triton",),
-         grad=("x",)),
+         grad=("x",), kernels_differentiable=True),
     Case("causal_conv1d", conv_inputs,
          lambda b, x, weight, bias, state: based.ops.causal_conv1d(x, weight, bias, initial_state=state,
                                                                    return_state=True, backend=b),

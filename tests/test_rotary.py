@@ -28,14 +28,22 @@ def complex_rotation(x, positions, base=10000.0):
 
 
 def check(B, T, H, D, start, dtype, packed, device):
+    """Output and gradient (through a random output gradient) against the complex rotation in float64."""
     if packed:  # q and k as the layers rotate them: a strided [B, T, 2H, D] view of a [B, T, 3, H, D] projection
         x = torch.randn(B, T, 3, H, D, device=device, dtype=dtype)[:, :, :2].flatten(2, 3)
     else:
         x = torch.randn(B, T, H, D, device=device, dtype=dtype)
+    x.requires_grad_()
     positions = start + torch.arange(T, device=device)
     out = apply_rotary(x, positions, backend="triton")
     assert out.dtype == dtype and out.shape == x.shape
-    assert_close(out, complex_rotation(x, positions), dtype)
+    assert_close(out, complex_rotation(x.detach(), positions), dtype)
+    grad_out = torch.randn(out.shape, device=device)
+    (dx,) = torch.autograd.grad((out.double() * grad_out).sum(), x)
+    x64 = x.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad((complex_rotation(x64, positions) * grad_out).sum(), x64)
+    assert dx.dtype == dtype
+    assert_close(dx, want, dtype, "dx")
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="set TRITON_INTERPRET=1 to run the kernel on CPU")

@@ -16,7 +16,8 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0
     `positions` may be any integer tensor on x's device, e.g. `start + arange(T)` with `start` a 0-dim
     device tensor, so a decode step can be captured in a CUDA graph and replayed at later positions.
     backend: "auto" (one Triton launch on CUDA when no gradient is needed, else the reference), "torch" or
-    "triton" (inference only). Returns a new tensor in x's dtype.
+    "triton" (forward and backward; "auto" takes it for training once measured on a GPU). Returns a new tensor
+    in x's dtype.
     """
     check_tensor("x", x, ndim=4)
     check_tensor("positions", positions, ndim=1, dtypes=(torch.int32, torch.int64))
