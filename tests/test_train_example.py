@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from based.models import BasedLM
@@ -52,3 +53,17 @@ def test_two_process_training_resumes_exactly_and_saves_a_loadable_model(tmp_pat
     prompt = torch.tensor([list(b"the quick ")])
     out = model.generate(prompt, max_new_tokens=5)
     assert out.shape == (1, prompt.shape[1] + 5) and int(out.max()) < 256
+
+
+def test_tokenizer_json_data_path(tmp_path):
+    """With --tokenizer the text goes through the tokenizers library (a word-level tokenizer built here)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    words = "the quick brown fox jumps over a lazy dog".split()
+    vocab = {w: i for i, w in enumerate(["[UNK]", *words])}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    rng = random.Random(1)
+    (tmp_path / "corpus.txt").write_text(" ".join(rng.choice(words) for _ in range(3000)))
+    train(tmp_path, "--tokenizer", str(tmp_path / "tokenizer.json"), "--metrics", str(tmp_path / "m.jsonl"))
+    assert len(losses(tmp_path / "m.jsonl")) == 8
