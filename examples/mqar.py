@@ -1,0 +1,261 @@
+"""Multi-query associative recall (MQAR): recall accuracy against recurrent-state size, Based vs the others.
+
+    python examples/mqar.py                  # the reduced sweep (meant to take minutes on one H100/H200)
+    python examples/mqar.py --full           # the sweep of the Zoology / BASED papers
+    python examples/mqar.py --smoke          # a few steps on tiny data (what CI runs on CPU)
+
+The task, as the Zoology and BASED papers define it: a sequence starts with kv key-value pairs `k1 v1 k2 v2 ...`
+(keys drawn without replacement from [1, 4096), values from [4096, 8192)); later, each key appears once more as
+a query at one of the even slots of the rest of the sequence (slot i chosen with probability proportional to
+a * i^(a - 1), a = 0.01: queries cluster early), and the model must emit its value next. Only those positions
+carry a label; every other position holds a uniformly random token. Accuracy is per example over its labelled
+positions, then averaged.
+
+Models (two layers, pre-norm residual, no MLP): a BaseConv (kernel 3) then the mixer: Based's Taylor linear
+attention (1 head, feature dim f), full softmax attention (a sliding window as long as the longest test
+sequence), or sliding-window attention of window w; plus the two ablations the paper discusses: linear attention
+without the conv, and Based + a sliding-window layer (three layers). State bytes (fp32) at the longest test
+length L = 1024, summed over layers: Based d*E + E (E = 1 + f + f(f+1)/2); attention 2*d*L; window 2*d*w;
+conv 3*d.
+
+Training: AdamW (weight decay 0.1), cosine schedule, batch 256, the best of the learning rates per
+configuration, up to the epoch budget with an early stop once validation accuracy passes 0.99. Output: a table
+(model, config, state bytes, best lr, accuracy per test slice, mean), `--out` JSON and `--plot` PNG of mean
+accuracy against state bytes (log x), one line per model family.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from based.nn import BaseConv, LinearAttention, RMSNorm, SlidingWindowAttention
+
+VOCAB, KEYS_END = 8192, 4096  # keys in [1, 4096), values in [4096, 8192)
+POWER_A = 0.01
+TEST_LENGTH = 1024
+
+FULL_TRAIN = [(64, 4, 100_000), (128, 8, 20_000), (256, 16, 20_000), (256, 32, 20_000), (256, 64, 20_000)]
+FULL_TEST = [(64, 4), (64, 8), (64, 16), (128, 32), (256, 64), (512, 128), (1024, 256)]
+LEARNING_RATES = [1e-3, 3.2e-3, 1e-2, 3.2e-2]
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+
+def mqar(n: int, length: int, kv: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` examples of `length` tokens with `kv` pairs: (inputs [n, length], labels [n, length], -100 where none)."""
+    if 4 * kv > length + 1:
+        raise ValueError(f"{kv} pairs and their queries do not fit {length} tokens")
+    chunks = [_mqar_chunk(min(4096, n - i), length, kv, generator) for i in range(0, n, 4096)]
+    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+
+
+def _mqar_chunk(n: int, length: int, kv: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    seq = torch.randint(0, VOCAB, (n, length + 1), generator=generator)
+    keys = torch.argsort(torch.rand(n, KEYS_END - 1, generator=generator), dim=1)[:, :kv] + 1
+    values = torch.randint(KEYS_END, VOCAB, (n, kv), generator=generator)
+    seq[:, 0:2 * kv:2], seq[:, 1:2 * kv:2] = keys, values
+    # Query slots: the even positions after the pairs, slot i (1-based) weighted a * i^(a - 1).
+    slots = (length + 1 - 2 * kv) // 2
+    weights = POWER_A * torch.arange(1, slots + 1, dtype=torch.float64) ** (POWER_A - 1)
+    chosen = torch.multinomial(weights.expand(n, slots), kv, replacement=False, generator=generator)
+    query_pos = 2 * kv + 2 * chosen  # where each key is asked; its value follows
+    seq.scatter_(1, query_pos, keys)
+    seq.scatter_(1, query_pos + 1, values)
+    targets = torch.full_like(seq, -100)
+    targets.scatter_(1, query_pos + 1, values)
+    return seq[:, :-1], targets[:, 1:]
+
+
+# ---- models --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    family: str  # "based", "attention", "sliding window", "linear attention (no conv)", "based + window"
+    d_model: int
+    feature_dim: int = 16
+    window: int = 0
+
+    @property
+    def name(self) -> str:
+        extra = {"based": f"f={self.feature_dim}", "linear attention (no conv)": f"f={self.feature_dim}",
+                 "based + window": f"f={self.feature_dim}, w={self.window}", "sliding window": f"w={self.window}",
+                 "attention": ""}[self.family]
+        return f"d={self.d_model}" + (f", {extra}" if extra else "")
+
+    def layers(self) -> list[str]:
+        return {"based": ["conv", "linear"], "attention": ["conv", "attention"], "sliding window": ["conv", "window"],
+                "linear attention (no conv)": ["linear"], "based + window": ["conv", "linear", "window"]}[self.family]
+
+    def state_bytes(self) -> int:
+        d, f = self.d_model, self.feature_dim
+        E = 1 + f + f * (f + 1) // 2
+        per_layer = {"conv": 3 * d, "linear": d * E + E, "attention": 2 * d * TEST_LENGTH, "window": 2 * d * self.window}
+        return 4 * sum(per_layer[layer] for layer in self.layers())
+
+
+class RecallModel(nn.Module):
+    """Embedding, pre-norm residual mixers (no MLP), final norm, LM head."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        d = spec.d_model
+        self.embedding = nn.Embedding(VOCAB, d)
+
+        def mixer(kind: str) -> nn.Module:
+            if kind == "conv":
+                return BaseConv(d, expand_proj=2, kernel_size=3)
+            if kind == "linear":
+                return LinearAttention(d, num_heads=1, feature_dim=spec.feature_dim)
+            window = TEST_LENGTH if kind == "attention" else spec.window
+            return SlidingWindowAttention(d, num_heads=1, window=window)
+
+        self.mixers = nn.ModuleList(mixer(kind) for kind in spec.layers())
+        self.norms = nn.ModuleList(RMSNorm(d) for _ in spec.layers())
+        self.final_norm = RMSNorm(d)
+        self.head = nn.Linear(d, VOCAB, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(ids)
+        for norm, mixer in zip(self.norms, self.mixers):
+            x = x + mixer(norm(x))
+        return self.head(self.final_norm(x))
+
+
+# ---- training ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def accuracy(model, inputs, targets, batch_size: int) -> float:
+    """Mean over examples of the fraction of labelled positions predicted right."""
+    scores = []
+    for i in range(0, len(inputs), batch_size):
+        x, y = inputs[i:i + batch_size], targets[i:i + batch_size]
+        hit = (model(x).argmax(-1) == y) & (y != -100)
+        scores.append(hit.sum(1) / (y != -100).sum(1))
+    return float(torch.cat(scores).mean())
+
+
+def train_one(spec: ModelSpec, lr: float, train_sets, val_sets, args, device) -> tuple[float, RecallModel]:
+    """(best validation accuracy, the model at its best) for one configuration and learning rate."""
+    torch.manual_seed(args.seed)
+    model = RecallModel(spec).to(device)
+    batches = [(x[i:i + args.batch_size], y[i:i + args.batch_size]) for x, y in train_sets
+               for i in range(0, len(x), args.batch_size)]
+    total = args.epochs * len(batches)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    order = torch.Generator().manual_seed(args.seed)
+    best, best_state = -1.0, None
+    for _ in range(args.epochs):
+        model.train()
+        for j in torch.randperm(len(batches), generator=order).tolist():
+            x, y = batches[j]
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        model.eval()
+        score = sum(accuracy(model, x, y, args.batch_size) for x, y in val_sets) / len(val_sets)
+        if score > best:
+            best, best_state = score, {k: v.clone() for k, v in model.state_dict().items()}
+        if score > 0.99:
+            break
+    model.load_state_dict(best_state)
+    return best, model
+
+
+def sweep_specs(full: bool, smoke: bool) -> list[ModelSpec]:
+    if smoke:
+        return [ModelSpec("based", 16, feature_dim=4), ModelSpec("sliding window", 16, window=4)]
+    if not full:
+        return [ModelSpec("based", 64, 16), ModelSpec("based", 128, 16), ModelSpec("attention", 64),
+                ModelSpec("sliding window", 128, window=64), ModelSpec("sliding window", 128, window=256)]
+    specs = [ModelSpec("based", d, f) for d in (48, 64, 128) for f in (8, 16, 24)]
+    specs += [ModelSpec("attention", d) for d in (64, 128)]
+    specs += [ModelSpec("sliding window", 128, window=w) for w in (8, 16, 32, 64, 128, 256, 512, 1024)]
+    specs += [ModelSpec("linear attention (no conv)", d, 16) for d in (64, 128)]
+    specs += [ModelSpec("based + window", d, 16, window=64) for d in (64, 128)]
+    return specs
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="the papers' sweep (configs, data, learning rates)")
+    parser.add_argument("--smoke", action="store_true", help="a few steps on tiny data")
+    parser.add_argument("--epochs", type=int, default=None, help="default: 32 full, 8 reduced, 1 smoke")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help="write the results to this .json file")
+    parser.add_argument("--plot", help="save a PNG of mean accuracy against state bytes (needs matplotlib)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.smoke:
+        train_mix, test_mix, lrs, scale = [(16, 2, 64)], [(16, 2), (32, 4)], [3e-3], 1
+    elif args.full:
+        train_mix, test_mix, lrs, scale = FULL_TRAIN, FULL_TEST, LEARNING_RATES, 1
+    else:  # a fifth of the data and two learning rates
+        train_mix, test_mix, lrs, scale = FULL_TRAIN, FULL_TEST, [1e-3, 3.2e-3], 5
+    args.epochs = args.epochs or (1 if args.smoke else 32 if args.full else 8)
+    test_n = 16 if args.smoke else 1000
+
+    generator = torch.Generator().manual_seed(args.seed)
+    train_sets = [tuple(t.to(device) for t in mqar(n // scale, L, kv, generator)) for L, kv, n in train_mix]
+    test_sets = {(L, kv): tuple(t.to(device) for t in mqar(test_n, L, kv, generator)) for L, kv in test_mix}
+    val_sets = list(test_sets.values())  # as the papers: the test slices decide the early stop and the lr
+
+    rows = []
+    for spec in sweep_specs(args.full, args.smoke):
+        started = time.perf_counter()
+        results = [(train_one(spec, lr, train_sets, val_sets, args, device), lr) for lr in lrs]
+        (best, model), lr = max(results, key=lambda r: r[0][0])
+        row = {"model": spec.family, "config": spec.name, "state_bytes": spec.state_bytes(), "best_lr": lr}
+        for (L, kv), (x, y) in test_sets.items():
+            row[f"L{L} kv{kv}"] = round(accuracy(model, x, y, args.batch_size), 4)
+        row["mean"] = round(sum(row[f"L{L} kv{kv}"] for L, kv in test_sets) / len(test_sets), 4)
+        rows.append(row)
+        print(f"{spec.family:28s} {spec.name:18s} {row['state_bytes']:>10,d} B  mean {row['mean']:.3f}  "
+              f"(lr {lr:g}, {time.perf_counter() - started:.0f} s)", flush=True)
+
+    columns = list(rows[0])
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(str(r[c]).rjust(w) for c, w in zip(columns, widths)))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": str(device), "torch": torch.__version__, "results": rows}, f, indent=2)
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for family in dict.fromkeys(r["model"] for r in rows):
+        points = sorted((r["state_bytes"], r["mean"]) for r in rows if r["model"] == family)
+        ax.plot(*zip(*points), marker="o", label=family)
+    ax.set_xscale("log")
+    ax.set_xlabel("recurrent state at L=1024 (bytes, fp32)")
+    ax.set_ylabel("MQAR accuracy (mean over test slices)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
