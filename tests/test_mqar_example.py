@@ -40,11 +40,12 @@ def test_state_bytes_follow_the_papers_formula():
     assert mqar.ModelSpec("attention", 64).state_bytes() == 4 * (3 * 64 + 2 * 64 * 1024)
 
 
-def test_smoke_sweep_runs(tmp_path):
+def test_smoke_sweep_runs_its_jobs_in_two_processes(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     out = tmp_path / "mqar.json"
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "mqar.py"), "--smoke", "--device", "cpu",
-                             "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+                             "--workers", "2", "--out", str(out)], env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
     assert [r["model"] for r in rows] == ["based", "sliding window"]
