@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from based.ops._validate import check_same_device, check_shape, check_tensor
+from based.ops._validate import check_positive_int, check_same_device, check_shape, check_tensor
 from based.ops.cross_entropy.chunked import linear_cross_entropy_chunked
 from based.ops.cross_entropy.reference import linear_cross_entropy_torch
 
@@ -40,8 +40,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     check_same_device(x=x, weight=weight, labels=labels)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_size is not None:
+        check_positive_int("chunk_size", chunk_size)
     if not torch.compiler.is_compiling():
         outside = ((labels < 0) | (labels >= weight.shape[0])) & (labels != ignore_index)
         if outside.any():

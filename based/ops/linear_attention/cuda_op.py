@@ -13,6 +13,7 @@ import functools
 import torch
 
 from based.ops._backend import cuda_extension_available
+from based.ops.feature_map.reference import feature_dim_of
 from based.ops.linear_attention.state import LinearAttentionState
 from based.ops.linear_attention.state_layout import public_grads_from_raw, raw_from_public, raw_grads_from_public
 
@@ -78,8 +79,7 @@ def _backward(ctx, do, _d_den, d_kv, d_ksum):
     used = [g is not None and g.numel() > 0 for g in (d_kv, d_ksum)]
     if any(used):
         B, _, H, _ = q.shape
-        d_kv = d_kv if used[0] else q.new_zeros(B, H, 1 + FEATURE_DIM * (FEATURE_DIM + 3) // 2, v.shape[-1],
-                                                dtype=torch.float32)
+        d_kv = d_kv if used[0] else q.new_zeros(B, H, feature_dim_of(FEATURE_DIM), v.shape[-1], dtype=torch.float32)
         d_ksum = d_ksum if used[1] else q.new_zeros(d_kv.shape[:-1], dtype=torch.float32)
         d_state, d_z = raw_grads_from_public(d_kv, d_ksum, FEATURE_DIM, dp)
     need_d_state0 = kv0 is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
