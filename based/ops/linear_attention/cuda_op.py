@@ -1,10 +1,10 @@
-"""The Hopper forward kernel as the "cuda" backend of `linear_attention`.
+"""The Hopper kernels as the "cuda" backend of `linear_attention`.
 
-`torch.ops.based.linear_attention_fwd_sm90` (kernel: kernels/sm90/linear_attention_fwd.cuh; host code and C++
-checks: csrc/sm90/linear_attention_fwd.cpp) runs the causal forward on compute capability 9.0 for d = 16,
-dv in {64, 112, 128} and fp16/bf16 inputs, with the initial and final state in the public layout. It exists only
-when `based._C` was built with the CUTLASS headers. Gradients come from the Triton backward kernels
-(`triton_op`), which read the normaliser this forward saves; the state layouts are converted around them.
+`torch.ops.based.linear_attention_fwd_sm90` and `..._bwd_sm90` (kernels: kernels/sm90/linear_attention_{fwd,bwd}.cuh;
+host code and C++ checks: csrc/sm90/linear_attention.cpp) run the causal forward and its gradients on compute
+capability 9.0 for d = 16, dv in {64, 112, 128} and fp16/bf16 inputs, with the initial and final state in the
+public layout. They exist only when `based._C` was built with the CUTLASS headers. The backward reads the
+normaliser the forward saves.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import torch
 from based.ops._backend import cuda_extension_available
 from based.ops.feature_map.reference import feature_dim_of
 from based.ops.linear_attention.state import LinearAttentionState
-from based.ops.linear_attention.state_layout import public_grads_from_raw, raw_from_public, raw_grads_from_public
 
 FEATURE_DIM = 16
 VALUE_DIMS = (64, 112, 128)  # kFwdSm90ValueDims in kernels/sm90/linear_attention_fwd.h
@@ -67,27 +66,24 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, _d_den, d_kv, d_ksum):
-    from based.ops.linear_attention.triton_common import padded_feature_dim  # noqa: PLC0415 (needs triton)
-    from based.ops.linear_attention.triton_op import _backward_op  # noqa: PLC0415
-
     q, k, v, o, den, kv0, ksum0 = ctx.saved_tensors
-    dp = padded_feature_dim(FEATURE_DIM)
-    state0 = z0 = None
-    if kv0 is not None:
-        state0, z0 = raw_from_public(kv0, ksum0, FEATURE_DIM, dp)
-    d_state = d_z = None
+    B, T, H, _ = q.shape
+    w = None
+    if ctx.normalize:
+        w = -(do.float() * o.float()).sum(-1).transpose(1, 2).reshape(B * H, T) / den
+    else:
+        den = None
     used = [g is not None and g.numel() > 0 for g in (d_kv, d_ksum)]
     if any(used):
-        B, _, H, _ = q.shape
         d_kv = d_kv if used[0] else q.new_zeros(B, H, feature_dim_of(FEATURE_DIM), v.shape[-1], dtype=torch.float32)
         d_ksum = d_ksum if used[1] else q.new_zeros(d_kv.shape[:-1], dtype=torch.float32)
-        d_state, d_z = raw_grads_from_public(d_kv, d_ksum, FEATURE_DIM, dp)
+    else:
+        d_kv = d_ksum = None
     need_d_state0 = kv0 is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-    dq, dk, dv, d_state0, d_z0 = _backward_op(q, k, v, o, do, den, state0, z0, d_state, d_z, True, ctx.normalize,
-                                              need_d_state0)
-    d_kv0 = d_ksum0 = None
-    if need_d_state0:
-        d_kv0, d_ksum0 = public_grads_from_raw(d_state0, d_z0, FEATURE_DIM, dp)
+    dq, dk, dv, d_kv0, d_ksum0 = torch.ops.based.linear_attention_bwd_sm90(q, k, v, do, den, w, kv0, ksum0, d_kv,
+                                                                           d_ksum, need_d_state0)
+    if not need_d_state0:
+        d_kv0 = d_ksum0 = None
     return dq, dk, dv, d_kv0, d_ksum0, None, None, None, None
 
 

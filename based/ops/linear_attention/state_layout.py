@@ -68,16 +68,3 @@ def raw_from_public(kv: torch.Tensor, ksum: torch.Tensor, d: int, dp: int):
     n = _matrix(_raw_from_public_matrix, d, dp, kv)
     return (torch.einsum("fe,bhev->bhfv", n, kv.float()).contiguous(),
             torch.einsum("fe,bhe->bhf", n, ksum.float()).contiguous())
-
-
-def raw_grads_from_public(d_kv: torch.Tensor, d_ksum: torch.Tensor, d: int, dp: int):
-    """Gradients of a public state -> gradients of the raw sums it was made from (public = M @ raw, so M^T)."""
-    m = _matrix(_public_from_raw_matrix, d, dp, d_kv)
-    return (torch.einsum("ef,bhev->bhfv", m, d_kv.float()).contiguous(),
-            torch.einsum("ef,bhe->bhf", m, d_ksum.float()).contiguous())
-
-
-def public_grads_from_raw(d_kv_raw: torch.Tensor, d_z_raw: torch.Tensor, d: int, dp: int):
-    """Gradients of raw sums made from a public state -> gradients of that public state (raw = N @ public)."""
-    n = _matrix(_raw_from_public_matrix, d, dp, d_kv_raw)
-    return torch.einsum("fe,bhfv->bhev", n, d_kv_raw), torch.einsum("fe,bhf->bhe", n, d_z_raw)
