@@ -68,14 +68,13 @@ def test_opcheck():
     k0, v0 = (x.cuda() for x in random_qkv(1, 5, 2, 16, 64, torch.float64)[1:])
     kv0, ksum0 = (x.float().requires_grad_() for x in state_reference(k0, v0))
     torch.library.opcheck(torch.ops.based.linear_attention_fwd_sm90, (q, k, v, kv0, ksum0, True, 1e-6, True, True))
-    _, den, kv, ksum = torch.ops.based.linear_attention_fwd_sm90(q, k, v, kv0, ksum0, True, 1e-6, True, True)
+    o, den, kv, ksum = torch.ops.based.linear_attention_fwd_sm90(q, k, v, kv0, ksum0, True, 1e-6, True, True)
     dout = torch.randn_like(v)
-    w = torch.randn_like(den)
     d_kv, d_ksum = torch.randn_like(kv), torch.randn_like(ksum)
     torch.library.opcheck(torch.ops.based.linear_attention_bwd_sm90,
-                          (q, k, v, dout, den, w, kv0, ksum0, d_kv, d_ksum, True))
+                          (q, k, v, o, dout, den, kv0, ksum0, d_kv, d_ksum, True))
     torch.library.opcheck(torch.ops.based.linear_attention_bwd_sm90,
-                          (q, k, v, dout, None, None, None, None, None, None, False))
+                          (q, k, v, o, dout, None, None, None, None, None, False))
 
 
 def test_compiles_without_graph_breaks():

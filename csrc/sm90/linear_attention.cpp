@@ -138,19 +138,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_meta(
 }
 
 
-void check_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
-                    const std::optional<at::Tensor>& den, const std::optional<at::Tensor>& w,
+void check_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
+                    const at::Tensor& dout, const std::optional<at::Tensor>& den,
                     const std::optional<at::Tensor>& kv0, const std::optional<at::Tensor>& ksum0,
                     const std::optional<at::Tensor>& d_kv, const std::optional<at::Tensor>& d_ksum) {
   check_inputs(kBwd, q, k, v);
-  TORCH_CHECK_VALUE(dout.sym_sizes().equals(v.sym_sizes()) && dout.scalar_type() == v.scalar_type(), kBwd,
-                    ": dout must be like v, got ", dout.sym_sizes(), " ", dout.scalar_type());
-  TORCH_CHECK_VALUE(den.has_value() == w.has_value(), kBwd, ": den and w come together (normalised or not)");
+  for (const auto* x : {&o, &dout}) {
+    TORCH_CHECK_VALUE(x->sym_sizes().equals(v.sym_sizes()) && x->scalar_type() == v.scalar_type(), kBwd,
+                      ": o and dout must be like v, got ", x->sym_sizes(), " ", x->scalar_type());
+  }
   if (den.has_value()) {
     const c10::SymInt rows = q.sym_size(0) * q.sym_size(2);
-    TORCH_CHECK_VALUE(den->scalar_type() == at::kFloat && w->scalar_type() == at::kFloat &&
-                          den->sym_sizes().equals({rows, q.sym_size(1)}) && w->sym_sizes().equals(den->sym_sizes()),
-                      kBwd, ": den and w must be float32 [B*H, T], got ", den->sym_sizes(), " and ", w->sym_sizes());
+    TORCH_CHECK_VALUE(den->scalar_type() == at::kFloat && den->sym_sizes().equals({rows, q.sym_size(1)}), kBwd,
+                      ": den must be float32 [B*H, T], got ", den->sym_sizes(), " ", den->scalar_type());
   }
   check_state(kBwd, "initial state", q, v, kv0, ksum0);
   check_state(kBwd, "final state's gradient", q, v, d_kv, d_ksum);
@@ -160,22 +160,23 @@ using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Ten
 
 Grads empty_grads(const at::Tensor& q, const at::Tensor& v, bool need_d_state0) {
   const auto f32 = q.options().dtype(at::kFloat);
-  const auto B = q.sym_size(0), T = q.sym_size(1), H = q.sym_size(2), dv = v.sym_size(3);
-  return {at::empty_symint({B, T, H, q.sym_size(3)}, q.options()), at::empty_symint({B, T, H, q.sym_size(3)}, q.options()),
+  const auto B = q.sym_size(0), T = q.sym_size(1), H = q.sym_size(2), d = q.sym_size(3), dv = v.sym_size(3);
+  return {at::empty_symint({B, T, H, d}, q.options()), at::empty_symint({B, T, H, d}, q.options()),
           at::empty_symint({B, T, H, dv}, v.options()),
           need_d_state0 ? at::empty_symint({B, H, kPublicFeatures, dv}, f32) : at::empty({0}, f32),
           need_d_state0 ? at::empty_symint({B, H, kPublicFeatures}, f32) : at::empty({0}, f32)};
 }
 
-Grads backward_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& dout_in,
-                    const std::optional<at::Tensor>& den, const std::optional<at::Tensor>& w,
+Grads backward_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& o_in,
+                    const at::Tensor& dout_in, const std::optional<at::Tensor>& den,
                     const std::optional<at::Tensor>& kv0, const std::optional<at::Tensor>& ksum0,
                     const std::optional<at::Tensor>& d_kv, const std::optional<at::Tensor>& d_ksum,
                     bool need_d_state0) {
-  check_backward(q_in, k_in, v_in, dout_in, den, w, kv0, ksum0, d_kv, d_ksum);
+  check_backward(q_in, k_in, v_in, o_in, dout_in, den, kv0, ksum0, d_kv, d_ksum);
   check_device(kBwd, q_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in), dout = aligned(dout_in);
+  const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
+  const at::Tensor o = aligned(o_in), dout = aligned(dout_in);
   auto grads = empty_grads(q, v, need_d_state0);
   auto& [dq, dk, dv, d_kv0, d_ksum0] = grads;
   if (need_d_state0 && q.size(1) == 0) {
@@ -186,17 +187,19 @@ Grads backward_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
   if (dq.numel() == 0 && dv.numel() == 0) return grads;
   auto contiguous = [](const std::optional<at::Tensor>& x) { return x.has_value() ? x->contiguous() : at::Tensor(); };
   auto ptr = [](const at::Tensor& x) { return x.defined() ? x.const_data_ptr<float>() : nullptr; };
-  const at::Tensor den_c = contiguous(den), w_c = contiguous(w), kv0_c = contiguous(kv0),
+  const at::Tensor den_c = contiguous(den), kv0_c = contiguous(kv0),
                    ksum0_c = contiguous(ksum0), d_kv_c = contiguous(d_kv), d_ksum_c = contiguous(d_ksum);
 
   LinearAttentionBwdParams p{};
-  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr(), p.dout = dout.data_ptr();
+  at::Tensor w = den.has_value() ? at::empty_like(den_c) : at::Tensor();
+  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr(), p.o = o.data_ptr(), p.dout = dout.data_ptr();
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
   p.q_batch_stride = q.stride(0), p.q_seq_stride = q.stride(1), p.q_head_stride = q.stride(2);
   p.k_batch_stride = k.stride(0), p.k_seq_stride = k.stride(1), p.k_head_stride = k.stride(2);
   p.v_batch_stride = v.stride(0), p.v_seq_stride = v.stride(1), p.v_head_stride = v.stride(2);
+  p.o_batch_stride = o.stride(0), p.o_seq_stride = o.stride(1), p.o_head_stride = o.stride(2);
   p.dout_batch_stride = dout.stride(0), p.dout_seq_stride = dout.stride(1), p.dout_head_stride = dout.stride(2);
-  p.den = ptr(den_c), p.w = ptr(w_c);
+  p.den = ptr(den_c), p.w = w.defined() ? w.data_ptr<float>() : nullptr;
   p.kv0 = ptr(kv0_c), p.ksum0 = ptr(ksum0_c), p.d_kv = ptr(d_kv_c), p.d_ksum = ptr(d_ksum_c);
   p.d_kv0 = need_d_state0 ? d_kv0.data_ptr<float>() : nullptr;
   p.d_ksum0 = need_d_state0 ? d_ksum0.data_ptr<float>() : nullptr;
@@ -206,12 +209,12 @@ Grads backward_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
   return grads;
 }
 
-Grads backward_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
-                    const std::optional<at::Tensor>& den, const std::optional<at::Tensor>& w,
+Grads backward_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
+                    const at::Tensor& dout, const std::optional<at::Tensor>& den,
                     const std::optional<at::Tensor>& kv0, const std::optional<at::Tensor>& ksum0,
                     const std::optional<at::Tensor>& d_kv, const std::optional<at::Tensor>& d_ksum,
                     bool need_d_state0) {
-  check_backward(q, k, v, dout, den, w, kv0, ksum0, d_kv, d_ksum);
+  check_backward(q, k, v, o, dout, den, kv0, ksum0, d_kv, d_ksum);
   return empty_grads(q, v, need_d_state0);
 }
 
@@ -220,9 +223,9 @@ Grads backward_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 TORCH_LIBRARY_FRAGMENT(based, m) {
   m.def("linear_attention_fwd_sm90(Tensor q, Tensor k, Tensor v, Tensor? kv0, Tensor? ksum0, bool normalize, "
         "float eps, bool return_den, bool return_state) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Gradients of q, k, v (contiguous, the inputs' dtypes) and, when need_d_state0, of the initial state. den and w
-  // ([B*H, T] fp32: the forward's normaliser and -(dout . o) / den) are given exactly when it normalised.
-  m.def("linear_attention_bwd_sm90(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor? den, Tensor? w, "
+  // Gradients of q, k, v (contiguous, the inputs' dtypes) and, when need_d_state0, of the initial state, from the
+  // forward's output o and normaliser den ([B*H, T] fp32, given exactly when it normalised).
+  m.def("linear_attention_bwd_sm90(Tensor q, Tensor k, Tensor v, Tensor o, Tensor dout, Tensor? den, "
         "Tensor? kv0, Tensor? ksum0, Tensor? d_kv, Tensor? d_ksum, bool need_d_state0) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

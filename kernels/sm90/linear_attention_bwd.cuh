@@ -338,6 +338,7 @@ __device__ __forceinline__ void gradient_warpgroup(typename BwdConfig<Element, D
     bar_sync(kMathGroup, 128);  // every thread is done with this stage before it is refilled
     if constexpr (kStages == 1) {
       if (c + 1 < n_chunks) load_value_tiles(c + 1, 0);
+      cp_async_commit();  // its own group, older than the next chunk's rows, so cp_async_wait<1> there covers it
     }
   }
 }
@@ -419,6 +420,31 @@ __global__ void __launch_bounds__(kThreads, 1) linear_attention_bwd_kernel(const
 #endif
 }
 
+// w[b*H + h, t] = -(dout . o) / den of every token-head, 16 lanes per row (16-byte loads), two rows per warp.
+template <class Element, int DV>
+__global__ void output_weight_kernel(const BwdParams p, float* w) {
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 16;
+  const int lane = threadIdx.x % 16;
+  const int64_t n_rows = static_cast<int64_t>(p.batch) * p.heads * p.seqlen;
+  float sum = 0.f;
+  const int64_t bh = row / p.seqlen;
+  const int t = row % p.seqlen, b = bh / p.heads, h = bh % p.heads;
+  if (row < n_rows && lane < DV / 8) {
+    auto vec = [&](const void* base, int64_t bs, int64_t ts, int64_t hs) {
+      return *reinterpret_cast<const uint4*>(static_cast<const Element*>(base) + b * bs + t * ts + h * hs + 8 * lane);
+    };
+    const uint4 d = vec(p.dout, p.dout_batch_stride, p.dout_seq_stride, p.dout_head_stride);
+    const uint4 o = vec(p.o, p.o_batch_stride, p.o_seq_stride, p.o_head_stride);
+    const Element* de = reinterpret_cast<const Element*>(&d);
+    const Element* oe = reinterpret_cast<const Element*>(&o);
+    CUTE_UNROLL
+    for (int i = 0; i < 8; ++i) sum += to_float(de[i]) * to_float(oe[i]);
+  }
+  CUTE_UNROLL
+  for (int offset = 8; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset, 16);
+  if (row < n_rows && lane == 0) w[row] = -sum / p.den[row];
+}
+
 template <class Element, int DV>
 cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   using Cfg = BwdConfig<Element, DV>;
@@ -433,6 +459,12 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
     raised[device] = true;
+  }
+  if (p.den != nullptr) {
+    const int64_t threads = static_cast<int64_t>(p.batch) * p.heads * p.seqlen * 16;
+    output_weight_kernel<Element, DV><<<(threads + 255) / 256, 256, 0, stream>>>(p, p.w);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
   }
   kernel<<<2 * p.batch * p.heads, kThreads, smem, stream>>>(p);
   return cudaGetLastError();

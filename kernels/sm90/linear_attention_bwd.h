@@ -10,14 +10,16 @@ namespace based {
 
 // Gradients of causal Taylor linear attention, d = 16, for one launch. q, k [B, T, H, 16], v, dout [B, T, H, DV]
 // given by pointers and element strides (the last dim contiguous, every stride and pointer 16-byte aligned);
-// dq, dk, dv the same shapes, written whole. den [B*H, T] is the forward's normaliser (+ eps) and w [B*H, T] =
-// -(dout . o) / den, both fp32, or both null without normalisation. kv0/ksum0: the forward's initial state;
+// o [B, T, H, DV] is the forward's output; dq, dk, dv the shapes of q, k, v, contiguous, written whole. den
+// [B*H, T] fp32 is the forward's normaliser (+ eps), or null without normalisation; then w [B*H, T] fp32 is
+// scratch for -(dout . o) / den. kv0/ksum0: the forward's initial state;
 // d_kv/d_ksum: the gradient of its final state; d_kv0/d_ksum0: where the initial state's gradient goes. All
 // states in the public layout ([B, H, 153, DV] and [B, H, 153] fp32, contiguous), each pair null when absent.
 struct LinearAttentionBwdParams {
   const void* q;
   const void* k;
   const void* v;
+  const void* o;
   const void* dout;
   void* dq;
   void* dk;
@@ -25,9 +27,10 @@ struct LinearAttentionBwdParams {
   int64_t q_batch_stride, q_seq_stride, q_head_stride;
   int64_t k_batch_stride, k_seq_stride, k_head_stride;
   int64_t v_batch_stride, v_seq_stride, v_head_stride;
+  int64_t o_batch_stride, o_seq_stride, o_head_stride;
   int64_t dout_batch_stride, dout_seq_stride, dout_head_stride;
   const float* den;
-  const float* w;
+  float* w;
   const float* kv0;
   const float* ksum0;
   const float* d_kv;

@@ -213,7 +213,8 @@ struct StateConfig {
                                             Shape<Int<Rows>, Int<kFeatures>>{}, Step<_2, _1>{}));
   using SnapByFeature = decltype(tile_to_shape(GMMA::Layout_MN_SW64_Atom<Element>{},
                                                Shape<Int<kFeatures>, Int<DV>>{}));
-  static constexpr int kSnapSize = cute::max(int(cosize_v<SnapLayout<kSnapRows>>), int(cosize_v<SnapLayout<kStateRows>>));
+  static constexpr int kSnapSize =
+      cute::max(int(cosize_v<SnapLayout<kSnapRows>>), int(cosize_v<SnapLayout<kStateRows>>));
 
   using MmaScores = decltype(make_tiled_mma(
       SM90::GMMA::ss_op_selector<Element, Element, float, Shape<Int<kChunk>, Int<kChunk>, Int<kDim>>,

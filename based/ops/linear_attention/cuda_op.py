@@ -67,12 +67,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, _d_den, d_kv, d_ksum):
     q, k, v, o, den, kv0, ksum0 = ctx.saved_tensors
-    B, T, H, _ = q.shape
-    w = None
-    if ctx.normalize:
-        w = -(do.float() * o.float()).sum(-1).transpose(1, 2).reshape(B * H, T) / den
-    else:
-        den = None
+    B, _, H, _ = q.shape
+    den = den if ctx.normalize else None
     used = [g is not None and g.numel() > 0 for g in (d_kv, d_ksum)]
     if any(used):
         d_kv = d_kv if used[0] else q.new_zeros(B, H, feature_dim_of(FEATURE_DIM), v.shape[-1], dtype=torch.float32)
@@ -80,7 +76,7 @@ def _backward(ctx, do, _d_den, d_kv, d_ksum):
     else:
         d_kv = d_ksum = None
     need_d_state0 = kv0 is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-    dq, dk, dv, d_kv0, d_ksum0 = torch.ops.based.linear_attention_bwd_sm90(q, k, v, do, den, w, kv0, ksum0, d_kv,
+    dq, dk, dv, d_kv0, d_ksum0 = torch.ops.based.linear_attention_bwd_sm90(q, k, v, o, do, den, kv0, ksum0, d_kv,
                                                                            d_ksum, need_d_state0)
     if not need_d_state0:
         d_kv0 = d_ksum0 = None
