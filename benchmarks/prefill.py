@@ -4,7 +4,7 @@
     python benchmarks/prefill.py --seqlens 4096 --out prefill.json
 
 Our rows: `based triton` (the Triton kernels) and, on a compute capability 9.0 GPU with the Hopper kernels
-built, `based cuda` (the CUDA forward; its backward is the Triton one).
+built, `based cuda` (the Hopper forward and backward kernels).
 Times are `triton.testing.do_bench` medians (CUDA events) of the forward and of forward+backward. FA2 is
 `flash_attn` when importable, else PyTorch SDPA's FLASH_ATTENTION backend (the same FlashAttention-2 code),
 causal, head dim = dv. fla's `parallel_based` / `fused_chunk_based` run when the package is installed.

@@ -33,9 +33,10 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         initial_state: optional `LinearAttentionState` with kv `[B, H, E, dv]` and ksum `[B, H, E]`,
             `E = 1 + d + d*(d+1)/2`, fp32 (fp64 allowed with fp64 inputs).
         return_state: also return the final state (initial state included).
-        backend: "auto" (Triton kernels on CUDA for fp16/bf16/fp32 and d <= 16, else the reference), "torch",
-            "triton" or "cuda" (the Hopper forward, compute capability 9.0 and `based._C` built with CUTLASS:
-            causal, fp16/bf16, d = 16, dv in {64, 112, 128}; gradients from the Triton backward).
+        backend: "auto" (on CUDA: the Hopper kernels where they apply, else the Triton kernels for
+            fp16/bf16/fp32 and d <= 16; else the reference), "torch", "triton" or "cuda" (the Hopper kernels,
+            forward and backward: compute capability 9.0 and `based._C` built with CUTLASS; causal, fp16/bf16,
+            d = 16, dv in {64, 112, 128}).
 
     Returns:
         `o` `[B, T, H, dv]` in v's dtype, and with `return_state` a `LinearAttentionState` (fp32).
@@ -47,9 +48,11 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     for name, flag in (("causal", causal), ("normalize", normalize), ("return_state", return_state)):
         check_bool(name, flag)
     check_nonnegative("eps", eps)
-    if backend == "auto" and not _kernels_support(q):
-        backend = "torch"
-    # "auto" keeps to Triton: the Hopper forward's gradients under torch.compile do not yet match eager (issue 13).
+    if backend == "auto":
+        if cuda_op.unsupported_reason(q, v, causal) is None:
+            backend = "cuda"
+        elif not _kernels_support(q):
+            backend = "torch"
     impl = resolve_backend("linear_attention", backend, q.device, _parallel_implementations(),
                            auto_order=("triton",))
     return impl(q, k, v, causal, normalize, eps, initial_state, return_state)
