@@ -64,12 +64,11 @@ def test_strided_inputs_give_the_contiguous_result(how):
 
 
 def test_opcheck():
-    q, k, v = (x.cuda().requires_grad_() for x in random_qkv(1, 100, 2, 16, 64, torch.bfloat16))
+    # The ops are differentiated through cuda_op's autograd.Function, not on their own: plain tensors here.
+    q, k, v = (x.cuda() for x in random_qkv(1, 100, 2, 16, 64, torch.bfloat16))
     k0, v0 = (x.cuda() for x in random_qkv(1, 5, 2, 16, 64, torch.float64)[1:])
-    kv0, ksum0 = (x.float().requires_grad_() for x in state_reference(k0, v0))
+    kv0, ksum0 = (x.float() for x in state_reference(k0, v0))
     torch.library.opcheck(torch.ops.based.linear_attention_fwd_sm90, (q, k, v, kv0, ksum0, True, 1e-6, True, True))
-    # The backward op has no autograd of its own: its inputs are plain tensors.
-    q, k, v, kv0, ksum0 = (x.detach() for x in (q, k, v, kv0, ksum0))
     o, den, kv, ksum = torch.ops.based.linear_attention_fwd_sm90(q, k, v, kv0, ksum0, True, 1e-6, True, True)
     dout = torch.randn_like(v)
     d_kv, d_ksum = torch.randn_like(kv), torch.randn_like(ksum)
@@ -77,6 +76,19 @@ def test_opcheck():
                           (q, k, v, o, dout, den, kv0, ksum0, d_kv, d_ksum, True))
     torch.library.opcheck(torch.ops.based.linear_attention_bwd_sm90,
                           (q, k, v, o, dout, None, None, None, None, None, False))
+
+
+def test_state_only_gradients():
+    """Only the returned state is used: its gradient reaches k and v, and none reaches q."""
+    q, k, v = (x.cuda().requires_grad_() for x in random_qkv(1, 130, 2, 16, 64, torch.bfloat16))
+    _, state = linear_attention(q, k, v, return_state=True, backend="cuda")
+    state.kv.sum().backward()
+    kd, vd = (x.detach().double().requires_grad_() for x in (k, v))
+    kv_ref, _ = state_reference(kd, vd)
+    kv_ref.sum().backward()
+    assert torch.count_nonzero(q.grad) == 0
+    assert_close(k.grad, kd.grad, torch.bfloat16, "dk")
+    assert_close(v.grad, vd.grad, torch.bfloat16, "dv")
 
 
 def test_compiles_without_graph_breaks():

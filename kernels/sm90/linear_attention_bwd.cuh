@@ -193,6 +193,24 @@ __device__ __forceinline__ void gradient_warpgroup(typename BwdConfig<Element, D
     }
     warpgroup_commit_batch();
 
+    // P = a S^T reads the snapshot of the state before this chunk. The dq sweep issues it now, so that it runs while
+    // the threads build D; the dk/dv sweep, which holds more registers at that point, after D.
+    auto issue_p = [&] {
+      bar_sync(kFull0 + stage, 256);  // the state before this chunk is in snap[stage]
+      Tensor t_a_p = thr_p.partition_fragment_A(s_a);
+      Tensor t_snap_f = thr_p.partition_fragment_B(s_snap_f);
+      warpgroup_fence_operand(acc_p);
+      warpgroup_arrive();
+      mma_p.accumulate_ = GMMA::ScaleOut::Zero;
+      CUTE_UNROLL
+      for (int kb = 0; kb < DV / 16; ++kb) {
+        gemm(mma_p, t_a_p(_, _, kb), t_snap_f(_, _, kb), acc_p);
+        mma_p.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+    };
+    if constexpr (!kOut) issue_p();
+
     // The per-token factors: rows r0 and r0 + 8, and the 16 columns this thread holds.
     float row_scale[2], row_w[2];
     CUTE_UNROLL
@@ -213,7 +231,7 @@ __device__ __forceinline__ void gradient_warpgroup(typename BwdConfig<Element, D
       build_phi_q<1, Element>(x, quad, frag_phi);
     }
 
-    warpgroup_wait<0>();
+    warpgroup_wait<kOut ? 0 : 1>();  // s and a.b^T
     warpgroup_fence_operand(acc_s);
     warpgroup_fence_operand(acc_da);
     // D = tril(da (1 + s)) / 4 and (dk/dv sweep) A = tril(1 + s + s^2/2) scaled by the columns' 1 / den, straight
@@ -230,13 +248,12 @@ __device__ __forceinline__ void gradient_warpgroup(typename BwdConfig<Element, D
       frag_d(i) = Element(col <= row ? da * (1.f + s) * kPairScale : 0.f);
       if constexpr (kOut) frag_a(i) = Element(col <= row ? (1.f + s + 0.5f * s * s) * cs : 0.f);
     }
+    if constexpr (kOut) issue_p();
 
-    bar_sync(kFull0 + stage, 256);  // the state before this chunk is in snap[stage]
+    // dx within the chunk = D y, and (dk/dv sweep) dv = A g + phi(x) R[:, :DV].
     Tensor t_y_by_dim = thr_dx.partition_fragment_B(s_y_by_dim);
     Tensor t_b_by_col = thr_out_intra.partition_fragment_B(s_b_by_col);
     Tensor t_snap_v = thr_out_inter.partition_fragment_B(s_snap_v);
-    Tensor t_a_p = thr_p.partition_fragment_A(s_a);
-    Tensor t_snap_f = thr_p.partition_fragment_B(s_snap_f);
     Tensor acc_out = partition_fragment_C(mma_out_intra, Shape<Int<kChunk>, Int<DV>>{});
     warpgroup_fence_operand(acc_dx);
     warpgroup_fence_operand(acc_out);
@@ -259,34 +276,7 @@ __device__ __forceinline__ void gradient_warpgroup(typename BwdConfig<Element, D
       for (int kb = 0; kb < kFeatures / 16; ++kb) gemm(mma_out_inter, frag_phi(_, _, kb), t_snap_v(_, _, kb), acc_out);
     }
     warpgroup_commit_batch();
-    warpgroup_fence_operand(acc_p);
-    warpgroup_arrive();
-    mma_p.accumulate_ = GMMA::ScaleOut::Zero;
-    CUTE_UNROLL
-    for (int kb = 0; kb < DV / 16; ++kb) {
-      gemm(mma_p, t_a_p(_, _, kb), t_snap_f(_, _, kb), acc_p);
-      mma_p.accumulate_ = GMMA::ScaleOut::One;
-    }
-    warpgroup_commit_batch();
-
-    if constexpr (kOut) {
-      warpgroup_wait<1>();
-      warpgroup_fence_operand(acc_out);
-      CUTE_UNROLL
-      for (int j1 = 0; j1 < 2; ++j1) {
-        const int t = c * kChunk + r0 + 8 * j1;
-        if (t < g.order.seqlen) {
-          Element* out = g.out + g.order.row(t) * g.out_stride;
-          CUTE_UNROLL
-          for (int nb = 0; nb < DV / 8; ++nb) {
-            *reinterpret_cast<uint32_t*>(out + 8 * nb + 2 * quad) =
-                pack2<Element>(acc_out(4 * nb + 2 * j1), acc_out(4 * nb + 2 * j1 + 1));
-          }
-        }
-      }
-    }
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(acc_dx);
+    warpgroup_wait<1>();  // P; the products above run on while the threads apply J^T
     warpgroup_fence_operand(acc_p);
 
     // dx of the earlier chunks: J_phi(x_r)^T applied to P_r = scale_r (a_r S) + a_w,r z, feature by feature, into
@@ -319,8 +309,25 @@ __device__ __forceinline__ void gradient_warpgroup(typename BwdConfig<Element, D
         }
       }
     }
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_dx);
+    warpgroup_fence_operand(acc_out);
     if (c + 2 < n_chunks) bar_arrive(kEmpty0 + stage, 256);  // snap[stage] may now take the state after c + 1
 
+    if constexpr (kOut) {
+      CUTE_UNROLL
+      for (int j1 = 0; j1 < 2; ++j1) {
+        const int t = c * kChunk + r0 + 8 * j1;
+        if (t < g.order.seqlen) {
+          Element* out = g.out + g.order.row(t) * g.out_stride;
+          CUTE_UNROLL
+          for (int nb = 0; nb < DV / 8; ++nb) {
+            *reinterpret_cast<uint32_t*>(out + 8 * nb + 2 * quad) =
+                pack2<Element>(acc_out(4 * nb + 2 * j1), acc_out(4 * nb + 2 * j1 + 1));
+          }
+        }
+      }
+    }
     CUTE_UNROLL
     for (int j1 = 0; j1 < 2; ++j1) {
       // Value i of the m64n16 accumulator is dim 8 * (i / 4) + 2 * quad + i % 2 of row r0 + 8 * ((i / 2) % 2).
@@ -420,11 +427,14 @@ __global__ void __launch_bounds__(kThreads, 1) linear_attention_bwd_kernel(const
 #endif
 }
 
-// w[b*H + h, t] = -(dout . o) / den of every token-head, 16 lanes per row (16-byte loads), two rows per warp.
+// w[b*H + h, t] = -(dout . o) / den of every token-head: kLanes lanes per row, one 16-byte load of each per lane.
+constexpr int output_weight_lanes(int dv) { return dv <= 64 ? 8 : 16; }
+
 template <class Element, int DV>
 __global__ void output_weight_kernel(const BwdParams p, float* w) {
-  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 16;
-  const int lane = threadIdx.x % 16;
+  constexpr int kLanes = output_weight_lanes(DV);
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes;
+  const int lane = threadIdx.x % kLanes;
   const int64_t n_rows = static_cast<int64_t>(p.batch) * p.heads * p.seqlen;
   float sum = 0.f;
   const int64_t bh = row / p.seqlen;
@@ -441,7 +451,7 @@ __global__ void output_weight_kernel(const BwdParams p, float* w) {
     for (int i = 0; i < 8; ++i) sum += to_float(de[i]) * to_float(oe[i]);
   }
   CUTE_UNROLL
-  for (int offset = 8; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset, 16);
+  for (int offset = kLanes / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset, kLanes);
   if (row < n_rows && lane == 0) w[row] = -sum / p.den[row];
 }
 
@@ -461,7 +471,7 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
     raised[device] = true;
   }
   if (p.den != nullptr) {
-    const int64_t threads = static_cast<int64_t>(p.batch) * p.heads * p.seqlen * 16;
+    const int64_t threads = static_cast<int64_t>(p.batch) * p.heads * p.seqlen * output_weight_lanes(DV);
     output_weight_kernel<Element, DV><<<(threads + 255) / 256, 256, 0, stream>>>(p, p.w);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;

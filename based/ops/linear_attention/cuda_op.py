@@ -13,7 +13,6 @@ import functools
 import torch
 
 from based.ops._backend import cuda_extension_available
-from based.ops.feature_map.reference import feature_dim_of
 from based.ops.linear_attention.state import LinearAttentionState
 
 FEATURE_DIM = 16
@@ -59,33 +58,30 @@ def unsupported_reason(q: torch.Tensor, v: torch.Tensor, causal: bool) -> str | 
     return None
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, kv0, ksum0, normalize, _eps, _return_den, _return_state = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], kv0, ksum0)
-    ctx.normalize = normalize
+class _LinearAttention(torch.autograd.Function):
+    """The two kernels as one differentiable function of (q, k, v, kv0, ksum0) -> (o, kv, ksum); the states are
+    empty unless return_state. A plain autograd.Function: its per-call host cost is a fraction of a
+    torch.library-registered autograd formula's, which is what bounds a call at a few thousand tokens."""
 
+    @staticmethod
+    def forward(ctx, q, k, v, kv0, ksum0, normalize: bool, eps: float, return_state: bool):
+        # The normaliser is kept whenever there is one: the backward needs it, and it costs 4 bytes per token-head.
+        o, den, kv, ksum = torch.ops.based.linear_attention_fwd_sm90(q, k, v, kv0, ksum0, normalize, eps, normalize,
+                                                                     return_state)
+        ctx.save_for_backward(q, k, v, o, den if normalize else None, kv0, ksum0)
+        return o, kv, ksum
 
-def _backward(ctx, do, _d_den, d_kv, d_ksum):
-    q, k, v, o, den, kv0, ksum0 = ctx.saved_tensors
-    B, _, H, _ = q.shape
-    den = den if ctx.normalize else None
-    used = [g is not None and g.numel() > 0 for g in (d_kv, d_ksum)]
-    if any(used):
-        d_kv = d_kv if used[0] else q.new_zeros(B, H, feature_dim_of(FEATURE_DIM), v.shape[-1], dtype=torch.float32)
-        d_ksum = d_ksum if used[1] else q.new_zeros(d_kv.shape[:-1], dtype=torch.float32)
-    else:
-        d_kv = d_ksum = None
-    need_d_state0 = kv0 is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-    dq, dk, dv, d_kv0, d_ksum0 = torch.ops.based.linear_attention_bwd_sm90(q, k, v, o, do, den, kv0, ksum0, d_kv,
-                                                                           d_ksum, need_d_state0)
-    if not need_d_state0:
-        d_kv0 = d_ksum0 = None
-    return dq, dk, dv, d_kv0, d_ksum0, None, None, None, None
-
-
-# At import, not on first use: torch.compile must not meet the registration inside a traced function.
-if KERNEL_BUILT:
-    torch.library.register_autograd("based::linear_attention_fwd_sm90", _backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, do, d_kv, d_ksum):
+        q, k, v, o, den, kv0, ksum0 = ctx.saved_tensors
+        if d_kv.numel() == 0:  # no state was returned (autograd hands zeros for outputs that were, unused)
+            d_kv = d_ksum = None
+        need_d_state0 = kv0 is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+        dq, dk, dv, d_kv0, d_ksum0 = torch.ops.based.linear_attention_bwd_sm90(q, k, v, o, do, den, kv0, ksum0,
+                                                                               d_kv, d_ksum, need_d_state0)
+        if not need_d_state0:
+            d_kv0 = d_ksum0 = None
+        return dq, dk, dv, d_kv0, d_ksum0, None, None, None
 
 
 def linear_attention_cuda(q, k, v, causal: bool, normalize: bool, eps: float,
@@ -100,9 +96,7 @@ def linear_attention_cuda(q, k, v, causal: bool, normalize: bool, eps: float,
     kv0 = ksum0 = None
     if initial_state is not None:
         kv0, ksum0 = initial_state.kv.float(), initial_state.ksum.float()
-    # The normaliser is kept whenever there is one: the backward needs it, and it costs 4 bytes per token-head.
-    o, _, kv, ksum = torch.ops.based.linear_attention_fwd_sm90(q, k, v, kv0, ksum0, normalize, eps, normalize,
-                                                               return_state)
+    o, kv, ksum = _LinearAttention.apply(q, k, v, kv0, ksum0, normalize, eps, return_state)
     if not return_state:
         return o
     return o, LinearAttentionState(kv, ksum)
