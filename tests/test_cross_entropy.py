@@ -80,3 +80,21 @@ def test_rejects_bad_arguments():
         linear_cross_entropy(x, w, y, backend="triton")
     with pytest.raises(TypeError, match="ignore_index"):
         linear_cross_entropy(x, w, y, ignore_index=1.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_matches_reference_loss_and_gradients(dtype):
+    """A language-model-sized slice on the GPU: 3000 tokens, vocabulary 5000, several chunks."""
+    x, w, y = inputs(torch.Generator().manual_seed(2), N=3000, d=64, V=5000, dtype=torch.float64, ignored=(0, 17))
+    x, w = (t.mul(0.25).to("cuda", dtype).requires_grad_() for t in (x, w))
+    y = y.cuda()
+    loss = linear_cross_entropy(x, w, y, chunk_size=1024)
+    loss.backward()
+    xd, wd = (t.detach().double().requires_grad_() for t in (x, w))
+    ref = F.cross_entropy(xd @ wd.T, y)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < TOLERANCE[dtype] * abs(ref.item())
+    assert_close(x.grad, xd.grad, dtype, "dx")
+    assert_close(w.grad, wd.grad, dtype, "dw")
