@@ -45,21 +45,11 @@ struct BwdConfig : StateConfig<Element, DV> {
   using SnapZ = typename Base::template SnapLayout<Base::kSnapRows>;
   using SnapValues = typename Base::template SnapLayout<DV>;
 
-  using MmaDa = decltype(make_tiled_mma(
-      SM90::GMMA::ss_op_selector<Element, Element, float, Shape<Int<kChunk>, Int<kChunk>, Int<DV>>,
-                                 GMMA::Major::K, GMMA::Major::K>()));
-  using MmaDx = decltype(make_tiled_mma(
-      SM90::GMMA::rs_op_selector<Element, Element, float, Shape<Int<kChunk>, Int<kDim>, Int<kChunk>>,
-                                 GMMA::Major::K, GMMA::Major::MN>()));
-  using MmaOutIntra = decltype(make_tiled_mma(
-      SM90::GMMA::rs_op_selector<Element, Element, float, Shape<Int<kChunk>, Int<DV>, Int<kChunk>>,
-                                 GMMA::Major::K, GMMA::Major::MN>()));
-  using MmaOutInter = decltype(make_tiled_mma(
-      SM90::GMMA::rs_op_selector<Element, Element, float, Shape<Int<kChunk>, Int<DV>, Int<kFeatures>>,
-                                 GMMA::Major::K, GMMA::Major::K>()));
-  using MmaP = decltype(make_tiled_mma(
-      SM90::GMMA::ss_op_selector<Element, Element, float, Shape<Int<kChunk>, Int<kFeatures>, Int<DV>>,
-                                 GMMA::Major::K, GMMA::Major::MN>()));
+  using MmaDa = SsMma<Element, kChunk, DV, GMMA::Major::K, GMMA::Major::K>;
+  using MmaDx = RsMma<Element, kDim, kChunk, GMMA::Major::MN>;
+  using MmaOutIntra = RsMma<Element, DV, kChunk, GMMA::Major::MN>;
+  using MmaOutInter = RsMma<Element, DV, kFeatures, GMMA::Major::K>;
+  using MmaP = SsMma<Element, kFeatures, DV, GMMA::Major::K, GMMA::Major::MN>;
 
   // dv = 128 double-buffered would not fit in 227 KB of shared memory.
   static constexpr int kValueStages = DV <= 112 ? 2 : 1;

@@ -191,6 +191,28 @@ __device__ __forceinline__ void build_phi_q(const float (&x)[kDim], int lane_in_
   }
 }
 
+// One warpgroup's 64 x N x K wgmma product (fp32 accumulators): both operands in shared memory, or A in registers.
+template <class Element, int N, int K, GMMA::Major MajorA, GMMA::Major MajorB>
+using SsMma = decltype(make_tiled_mma(
+    SM90::GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<N>, Int<K>>, MajorA, MajorB>()));
+template <class Element, int N, int K, GMMA::Major MajorB>
+using RsMma = decltype(make_tiled_mma(
+    SM90::GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<N>, Int<K>>, GMMA::Major::K, MajorB>()));
+
+// Calls launch(Element{}, Int<DV>{}) for the run-time value dim (one of kFwdSm90ValueDims) and dtype.
+template <class Launch>
+cudaError_t dispatch(int dv, bool is_bf16, Launch&& launch) {
+  auto with_dtype = [&](auto dv_tag) {
+    return is_bf16 ? launch(cutlass::bfloat16_t{}, dv_tag) : launch(cutlass::half_t{}, dv_tag);
+  };
+  switch (dv) {
+    case 64: return with_dtype(Int<64>{});
+    case 112: return with_dtype(Int<112>{});
+    case 128: return with_dtype(Int<128>{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 // Shapes, shared-memory layouts and matrix products both sweeps use (the forward's and the backward's).
 template <class Element, int DV>
 struct StateConfig {
@@ -216,12 +238,8 @@ struct StateConfig {
   static constexpr int kSnapSize =
       cute::max(int(cosize_v<SnapLayout<kSnapRows>>), int(cosize_v<SnapLayout<kStateRows>>));
 
-  using MmaScores = decltype(make_tiled_mma(
-      SM90::GMMA::ss_op_selector<Element, Element, float, Shape<Int<kChunk>, Int<kChunk>, Int<kDim>>,
-                                 GMMA::Major::K, GMMA::Major::K>()));
-  using MmaState = decltype(make_tiled_mma(
-      SM90::GMMA::ss_op_selector<Element, Element, float, Shape<Int<64>, Int<kFeatures>, Int<kChunk>>,
-                                 GMMA::Major::MN, GMMA::Major::MN>()));
+  using MmaScores = SsMma<Element, kChunk, kDim, GMMA::Major::K, GMMA::Major::K>;
+  using MmaState = SsMma<Element, kFeatures, kChunk, GMMA::Major::MN, GMMA::Major::MN>;
 
   // The state warpgroup's buffers.
   struct Storage {

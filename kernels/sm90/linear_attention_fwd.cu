@@ -5,15 +5,9 @@ namespace based {
 
 cudaError_t launch_linear_attention_fwd_sm90(const LinearAttentionFwdParams& p, int dv, bool is_bf16,
                                              cudaStream_t stream) {
-  using la_sm90::launch;
-  using BF16 = cutlass::bfloat16_t;
-  using F16 = cutlass::half_t;
-  switch (dv) {
-    case 64: return is_bf16 ? launch<BF16, 64>(p, stream) : launch<F16, 64>(p, stream);
-    case 112: return is_bf16 ? launch<BF16, 112>(p, stream) : launch<F16, 112>(p, stream);
-    case 128: return is_bf16 ? launch<BF16, 128>(p, stream) : launch<F16, 128>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return la_sm90::dispatch(dv, is_bf16, [&](auto element, auto dv_tag) {
+    return la_sm90::launch<decltype(element), decltype(dv_tag)::value>(p, stream);
+  });
 }
 
 }  // namespace based

@@ -28,12 +28,8 @@ struct Config : StateConfig<Element, DV> {
   using VOutLayout = decltype(tile_to_shape(GMMA::Layout_MN_INTER_Atom<Element>{},
                                             Shape<Int<kOutCols>, Int<kChunk>>{}));
   using SnapOut = typename Base::template SnapLayout<kOutCols>;
-  using MmaIntra = decltype(make_tiled_mma(
-      SM90::GMMA::rs_op_selector<Element, Element, float, Shape<Int<kChunk>, Int<kOutCols>, Int<kChunk>>,
-                                 GMMA::Major::K, GMMA::Major::MN>()));
-  using MmaInter = decltype(make_tiled_mma(
-      SM90::GMMA::rs_op_selector<Element, Element, float, Shape<Int<kChunk>, Int<kOutCols>, Int<kFeatures>>,
-                                 GMMA::Major::K, GMMA::Major::K>()));
+  using MmaIntra = RsMma<Element, kOutCols, kChunk, GMMA::Major::MN>;
+  using MmaInter = RsMma<Element, kOutCols, kFeatures, GMMA::Major::K>;
 
   struct SharedStorage {
     array_aligned<Element, cosize_v<typename Base::QKLayout>, 1024> q[2];
