@@ -470,4 +470,13 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// One dtype's launches, each instantiated in its own file (linear_attention_bwd_{bf16,fp16}.cu) so that the build
+// compiles the two in parallel.
+template <class Element>
+cudaError_t launch_bwd_for_dtype(const BwdParams& p, int dv, cudaStream_t stream) {
+  return dispatch_value_dim(dv, [&](auto dv_tag) { return launch_bwd<Element, decltype(dv_tag)::value>(p, stream); });
+}
+extern template cudaError_t launch_bwd_for_dtype<cutlass::bfloat16_t>(const BwdParams&, int, cudaStream_t);
+extern template cudaError_t launch_bwd_for_dtype<cutlass::half_t>(const BwdParams&, int, cudaStream_t);
+
 }  // namespace based::la_sm90

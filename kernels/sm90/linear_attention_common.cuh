@@ -199,16 +199,13 @@ template <class Element, int N, int K, GMMA::Major MajorB>
 using RsMma = decltype(make_tiled_mma(
     SM90::GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<N>, Int<K>>, GMMA::Major::K, MajorB>()));
 
-// Calls launch(Element{}, Int<DV>{}) for the run-time value dim (one of kFwdSm90ValueDims) and dtype.
+// Calls launch(Int<DV>{}) for the run-time value dim, one of kFwdSm90ValueDims.
 template <class Launch>
-cudaError_t dispatch(int dv, bool is_bf16, Launch&& launch) {
-  auto with_dtype = [&](auto dv_tag) {
-    return is_bf16 ? launch(cutlass::bfloat16_t{}, dv_tag) : launch(cutlass::half_t{}, dv_tag);
-  };
+cudaError_t dispatch_value_dim(int dv, Launch&& launch) {
   switch (dv) {
-    case 64: return with_dtype(Int<64>{});
-    case 112: return with_dtype(Int<112>{});
-    case 128: return with_dtype(Int<128>{});
+    case 64: return launch(Int<64>{});
+    case 112: return launch(Int<112>{});
+    case 128: return launch(Int<128>{});
     default: return cudaErrorInvalidValue;
   }
 }
