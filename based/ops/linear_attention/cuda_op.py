@@ -74,7 +74,7 @@ class _LinearAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, d_kv, d_ksum):
         q, k, v, o, den, kv0, ksum0 = ctx.saved_tensors
-        if d_kv.numel() == 0:  # no state was returned (autograd hands zeros for outputs that were, unused)
+        if d_kv.numel() == 0:  # no state was returned (a returned state that goes unused gets zeros)
             d_kv = d_ksum = None
         need_d_state0 = kv0 is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
         dq, dk, dv, d_kv0, d_ksum0 = torch.ops.based.linear_attention_bwd_sm90(q, k, v, o, do, den, kv0, ksum0,
