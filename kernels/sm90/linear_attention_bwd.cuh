@@ -449,17 +449,9 @@ template <class Element, int DV>
 cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   using Cfg = BwdConfig<Element, DV>;
   constexpr int smem = sizeof(typename Cfg::SharedStorage);
-  auto kernel = linear_attention_bwd_kernel<Element, DV>;
-  // The shared-memory limit is raised once per device, not on every launch.
-  static bool raised[64] = {};
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
+  constexpr auto kernel = linear_attention_bwd_kernel<Element, DV>;
+  cudaError_t err = allow_shared_memory<kernel>(smem);
   if (err != cudaSuccess) return err;
-  if (device < 64 && !raised[device]) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-    raised[device] = true;
-  }
   if (p.den != nullptr) {
     const int64_t threads = static_cast<int64_t>(p.batch) * p.heads * p.seqlen * output_weight_lanes(DV);
     output_weight_kernel<Element, DV><<<(threads + 255) / 256, 256, 0, stream>>>(p, p.w);

@@ -210,6 +210,18 @@ cudaError_t dispatch_value_dim(int dv, Launch&& launch) {
   }
 }
 
+// Raises Kernel's dynamic shared-memory limit to `bytes`, once per device rather than on every launch.
+template <auto Kernel>
+cudaError_t allow_shared_memory(int bytes) {
+  static bool raised[64] = {};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess || device >= 64 || raised[device]) return err;
+  err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  raised[device] = err == cudaSuccess;
+  return err;
+}
+
 // Shapes, shared-memory layouts and matrix products both sweeps use (the forward's and the backward's).
 template <class Element, int DV>
 struct StateConfig {

@@ -195,17 +195,9 @@ template <class Element, int DV>
 cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
   using Cfg = Config<Element, DV>;
   constexpr int smem = sizeof(typename Cfg::SharedStorage);
-  auto kernel = linear_attention_fwd_kernel<Element, DV>;
-  // The shared-memory limit is raised once per device, not on every launch.
-  static bool raised[64] = {};
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
+  constexpr auto kernel = linear_attention_fwd_kernel<Element, DV>;
+  cudaError_t err = allow_shared_memory<kernel>(smem);
   if (err != cudaSuccess) return err;
-  if (device < 64 && !raised[device]) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-    raised[device] = true;
-  }
   kernel<<<p.batch * p.heads, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
