@@ -173,14 +173,8 @@ __device__ __forceinline__ void gradient_warpgroup(typename BwdConfig<Element, D
     warpgroup_fence_operand(acc_s);
     warpgroup_fence_operand(acc_da);
     warpgroup_arrive();
-    mma_scores.accumulate_ = GMMA::ScaleOut::Zero;
-    gemm(mma_scores, t_x(_, _, 0), t_y(_, _, 0), acc_s);
-    mma_da.accumulate_ = GMMA::ScaleOut::Zero;
-    CUTE_UNROLL
-    for (int kb = 0; kb < DV / 16; ++kb) {
-      gemm(mma_da, t_a(_, _, kb), t_b(_, _, kb), acc_da);
-      mma_da.accumulate_ = GMMA::ScaleOut::One;
-    }
+    mma_k_blocks(mma_scores, t_x, t_y, acc_s, true);
+    mma_k_blocks(mma_da, t_a, t_b, acc_da, true);
     warpgroup_commit_batch();
 
     // P = a S^T reads the snapshot of the state before this chunk. The dq sweep issues it now, so that it runs while
@@ -191,12 +185,7 @@ __device__ __forceinline__ void gradient_warpgroup(typename BwdConfig<Element, D
       Tensor t_snap_f = thr_p.partition_fragment_B(s_snap_f);
       warpgroup_fence_operand(acc_p);
       warpgroup_arrive();
-      mma_p.accumulate_ = GMMA::ScaleOut::Zero;
-      CUTE_UNROLL
-      for (int kb = 0; kb < DV / 16; ++kb) {
-        gemm(mma_p, t_a_p(_, _, kb), t_snap_f(_, _, kb), acc_p);
-        mma_p.accumulate_ = GMMA::ScaleOut::One;
-      }
+      mma_k_blocks(mma_p, t_a_p, t_snap_f, acc_p, true);
       warpgroup_commit_batch();
     };
     if constexpr (!kOut) issue_p();
@@ -248,22 +237,10 @@ __device__ __forceinline__ void gradient_warpgroup(typename BwdConfig<Element, D
     warpgroup_fence_operand(acc_dx);
     warpgroup_fence_operand(acc_out);
     warpgroup_arrive();
-    mma_dx.accumulate_ = GMMA::ScaleOut::Zero;
-    CUTE_UNROLL
-    for (int kb = 0; kb < kChunk / 16; ++kb) {
-      gemm(mma_dx, frag_d(_, _, kb), t_y_by_dim(_, _, kb), acc_dx);
-      mma_dx.accumulate_ = GMMA::ScaleOut::One;
-    }
+    mma_k_blocks(mma_dx, frag_d, t_y_by_dim, acc_dx, true);
     if constexpr (kOut) {
-      mma_out_intra.accumulate_ = GMMA::ScaleOut::Zero;
-      CUTE_UNROLL
-      for (int kb = 0; kb < kChunk / 16; ++kb) {
-        gemm(mma_out_intra, frag_a(_, _, kb), t_b_by_col(_, _, kb), acc_out);
-        mma_out_intra.accumulate_ = GMMA::ScaleOut::One;
-      }
-      mma_out_inter.accumulate_ = GMMA::ScaleOut::One;
-      CUTE_UNROLL
-      for (int kb = 0; kb < kFeatures / 16; ++kb) gemm(mma_out_inter, frag_phi(_, _, kb), t_snap_v(_, _, kb), acc_out);
+      mma_k_blocks(mma_out_intra, frag_a, t_b_by_col, acc_out, true);
+      mma_k_blocks(mma_out_inter, frag_phi, t_snap_v, acc_out, false);
     }
     warpgroup_commit_batch();
     warpgroup_wait<1>();  // P; the products above run on while the threads apply J^T

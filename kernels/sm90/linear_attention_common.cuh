@@ -210,6 +210,18 @@ cudaError_t dispatch_value_dim(int dv, Launch&& launch) {
   }
 }
 
+// acc (+)= sum over the k-blocks of a(_, _, kb) b(_, _, kb) as one warpgroup's wgmma chain; `overwrite` starts
+// from zero instead of acc's contents. The caller brackets it with warpgroup_arrive / warpgroup_commit_batch.
+template <class Mma, class TA, class TB, class TC>
+__device__ __forceinline__ void mma_k_blocks(Mma& mma, const TA& a, const TB& b, TC& acc, bool overwrite) {
+  mma.accumulate_ = overwrite ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
+  CUTE_UNROLL
+  for (int kb = 0; kb < size<2>(a); ++kb) {
+    gemm(mma, a(_, _, kb), b(_, _, kb), acc);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+}
+
 // Raises Kernel's dynamic shared-memory limit to `bytes`, once per device rather than on every launch.
 template <auto Kernel>
 cudaError_t allow_shared_memory(int bytes) {
@@ -407,9 +419,7 @@ __device__ __forceinline__ void state_warpgroup(typename StateConfig<Element, DV
     Tensor t_phi = thr_state.partition_fragment_B(s_phi);
     warpgroup_fence_operand(acc);
     warpgroup_arrive();
-    mma_state.accumulate_ = GMMA::ScaleOut::One;
-    CUTE_UNROLL
-    for (int kb = 0; kb < kChunk / 16; ++kb) gemm(mma_state, t_v(_, _, kb), t_phi(_, _, kb), acc);
+    mma_k_blocks(mma_state, t_v, t_phi, acc, false);
     warpgroup_commit_batch();
 
     // z: thread (group g, part) adds features [8g, 8g + 8) over tokens part, part + 6, ... with 16-byte loads;

@@ -112,8 +112,7 @@ __global__ void __launch_bounds__(kThreads, 1) linear_attention_fwd_kernel(const
       Tensor t_k = thr_scores.partition_fragment_B(s_k);
       warpgroup_fence_operand(acc_s);
       warpgroup_arrive();
-      mma_scores.accumulate_ = GMMA::ScaleOut::Zero;
-      gemm(mma_scores, t_q(_, _, 0), t_k(_, _, 0), acc_s);
+      mma_k_blocks(mma_scores, t_q, t_k, acc_s, true);
       warpgroup_commit_batch();
 
       // phi(Q) while the scores run.
@@ -141,15 +140,8 @@ __global__ void __launch_bounds__(kThreads, 1) linear_attention_fwd_kernel(const
       Tensor t_snap = thr_inter.partition_fragment_B(s_snap);
       warpgroup_fence_operand(acc_o);
       warpgroup_arrive();
-      mma_intra.accumulate_ = GMMA::ScaleOut::Zero;
-      CUTE_UNROLL
-      for (int kb = 0; kb < kChunk / 16; ++kb) {
-        gemm(mma_intra, frag_a(_, _, kb), t_v(_, _, kb), acc_o);
-        mma_intra.accumulate_ = GMMA::ScaleOut::One;
-      }
-      mma_inter.accumulate_ = GMMA::ScaleOut::One;
-      CUTE_UNROLL
-      for (int kb = 0; kb < kFeatures / 16; ++kb) gemm(mma_inter, frag_phi(_, _, kb), t_snap(_, _, kb), acc_o);
+      mma_k_blocks(mma_intra, frag_a, t_v, acc_o, true);
+      mma_k_blocks(mma_inter, frag_phi, t_snap, acc_o, false);
       warpgroup_commit_batch();
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc_o);
