@@ -4,8 +4,11 @@ Each model trains for `--steps` timed steps (after `--warmup` untimed ones, whic
 number of tokens per step at every sequence length: batch = tokens_per_step / T. A step is the forward with the
 loss (`model(ids, labels=ids)`: the fused LM-head cross-entropy, or with `--loss logits` the full fp32 logits
 and `F.cross_entropy`, as most training code does), the backward and an AdamW step. Modes: "eager" and
-"compiled" (`torch.compile(model)`). Printed per model, mode and T: tokens/s (median step), MFU and peak memory,
-and Based / Transformer++ at equal mode and T.
+"compiled": `torch.compile(model)`, or with `--compile-scope blocks` each block compiled on its own (PyTorch's
+regional compilation: the blocks of one kind share one compiled graph, so the cold compile is several times
+shorter, and the embedding, the final norm and the loss stay eager). Every T compiles afresh with static shapes.
+Printed per model, mode and T: tokens/s (median step), MFU, peak memory, the seconds of the warmup steps (which
+include the compile), and Based / Transformer++ at equal mode and T.
 
 MFU counts 6 x parameters + the attention FLOPs per token (training = 3 x forward): Transformer++ causal
 attention 6 * n_layers * d_model * T; Based's linear attention 3 * heads * (2 * 64 * (f + dv) + 4 * E * dv) per
@@ -24,7 +27,9 @@ With no arguments: the small "tiny" models on whatever device exists, eager, T=6
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokens-per-step", type=int, default=None, help="default: 32768 on a GPU, 256 on CPU")
     parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=None,
                         help="default: eager compiled on a GPU, eager on CPU")
+    parser.add_argument("--compile-scope", choices=["model", "blocks"], default="model",
+                        help="what the compiled mode compiles: the whole model or each block (default: model)")
     parser.add_argument("--loss", choices=["fused", "logits"], default="fused")
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 on a GPU, 2 on CPU)")
@@ -104,15 +111,37 @@ def logits_loss(model, ids):
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
 
 
-def train_step_seconds(model, T: int, mode: str, args) -> tuple[float, float | None] | None:
-    """(median seconds per step, peak MB or None off the GPU), or None when it runs out of memory."""
+@contextlib.contextmanager
+def compiled(model, mode: str, scope: str):
+    """The callable a training step runs in `mode`; with scope "blocks", the model's blocks are swapped for
+    their compiled wrappers until the context ends."""
+    if mode == "eager":
+        yield model
+        return
+    torch._dynamo.reset()  # each T compiles afresh, so no cache limit is reached across lengths and kinds
+    if scope == "model":
+        yield torch.compile(model, dynamic=False)
+        return
+    layers = model.transformer.layers
+    originals = list(layers)
+    for i, layer in enumerate(originals):
+        layers[i] = torch.compile(layer, dynamic=False)
+    try:
+        yield model
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+
+
+def train_step_seconds(model, T: int, mode: str, args) -> tuple[float, float | None, float] | None:
+    """(median seconds per step, peak MB or None off the GPU, seconds of the warmup steps), or None when it
+    runs out of memory."""
     batch = args.tokens_per_step // T
     ids = torch.randint(0, model.config.vocab_size, (batch, T), generator=torch.Generator().manual_seed(T))
     ids = ids.to(args.device)
-    forward = torch.compile(model) if mode == "compiled" else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device.type == "cuda")
 
-    def step():
+    def step(forward):
         loss = forward(ids, labels=ids) if args.loss == "fused" else logits_loss(forward, ids)
         loss.backward()
         optimizer.step()
@@ -120,9 +149,15 @@ def train_step_seconds(model, T: int, mode: str, args) -> tuple[float, float | N
 
     gpu = args.device.type == "cuda"
     try:
-        if gpu:
-            torch.cuda.reset_peak_memory_stats(args.device)
-        seconds = median_seconds(step, args.device, warmup=args.warmup, repeats=args.steps)
+        with compiled(model, mode, args.compile_scope) as forward:
+            if gpu:
+                torch.cuda.reset_peak_memory_stats(args.device)
+            started = time.perf_counter()
+            for _ in range(args.warmup):
+                step(forward)
+            synchronize(args.device)
+            warmup_seconds = time.perf_counter() - started
+            seconds = median_seconds(lambda: step(forward), args.device, warmup=0, repeats=args.steps)
         peak = torch.cuda.max_memory_allocated(args.device) / 2**20 if gpu else None
     except torch.cuda.OutOfMemoryError:
         return None
@@ -130,7 +165,7 @@ def train_step_seconds(model, T: int, mode: str, args) -> tuple[float, float | N
         del optimizer
         if gpu:
             torch.cuda.empty_cache()
-    return seconds, peak
+    return seconds, peak, warmup_seconds
 
 
 def loss_memory_mb(model, tokens: int, args) -> dict[str, float]:
@@ -165,7 +200,8 @@ def main(argv=None) -> int:
     print(banner(env))
     based_config, transformer_config = model_configs(args.model)
     print(f"model {args.model}, {str(args.dtype).removeprefix('torch.')}, {args.tokens_per_step} tokens per step, "
-          f"loss {args.loss}, activation checkpointing {'on' if args.activation_checkpointing else 'off'}; "
+          f"loss {args.loss}, activation checkpointing {'on' if args.activation_checkpointing else 'off'}, "
+          f"compile scope {args.compile_scope}; "
           f"MFU against {peak_source}")
     rows, summary = [], {}
     for name, model_class, config in [("Transformer++", Transformer, transformer_config),
@@ -182,23 +218,26 @@ def main(argv=None) -> int:
             for T in args.seqlens:
                 result = train_step_seconds(model, T, mode, args)
                 row = {"model": name, "mode": mode, "T": T, "params_M": round(params / 1e6, 1),
-                       "tokens_per_s": None, "MFU": None, "peak_memory_MB": None}
+                       "tokens_per_s": None, "MFU": None, "peak_memory_MB": None, "warmup_s": None}
                 if result is not None:
-                    seconds, peak_mb = result
+                    seconds, peak_mb, warmup_seconds = result
                     tokens_per_s = args.tokens_per_step / seconds
                     flops = 6 * params + attention_flops_per_token(model, T)
                     row.update(tokens_per_s=round(tokens_per_s, 1),
                                MFU=None if peak is None else round(tokens_per_s * flops / peak, 4),
-                               peak_memory_MB=None if peak_mb is None else round(peak_mb))
+                               peak_memory_MB=None if peak_mb is None else round(peak_mb),
+                               warmup_s=round(warmup_seconds, 1))
                 print(f"  {name:13s} {mode:8s} T={T:6d}: "
-                      + ("out of memory" if result is None else f"{row['tokens_per_s']:,.0f} tokens/s"), flush=True)
+                      + ("out of memory" if result is None else
+                         f"{row['tokens_per_s']:,.0f} tokens/s (warmup {row['warmup_s']:.1f} s)"), flush=True)
                 rows.append(row)
         del model
     for row in rows:
         other = next(r for r in rows if r["model"] == "Transformer++" and (r["mode"], r["T"]) == (row["mode"], row["T"]))
         if row["model"] == "Based" and row["tokens_per_s"] and other["tokens_per_s"]:
             row["based_over_transformer"] = round(row["tokens_per_s"] / other["tokens_per_s"], 3)
-    columns = ["model", "mode", "T", "params_M", "tokens_per_s", "MFU", "peak_memory_MB", "based_over_transformer"]
+    columns = ["model", "mode", "T", "params_M", "tokens_per_s", "MFU", "peak_memory_MB", "warmup_s",
+               "based_over_transformer"]
     print("\n".join(format_table(rows, columns)))
     if args.out:
         write_results(args.out, [{c: r.get(c) for c in columns} for r in rows], env, summary or None)

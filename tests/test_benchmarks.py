@@ -67,6 +67,27 @@ def test_train_throughput_writes_both_models(tmp_path, extra):
     assert all(r["based_over_transformer"] > 0 for r in rows if r["model"] == "Based")
 
 
+def test_train_throughput_compiles_blocks_only_inside_the_step():
+    """`--compile-scope blocks` swaps each block for its compiled wrapper while the compiled steps run and puts
+    the originals back, so a later eager run is eager (torch.compile is lazy: nothing compiles here)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import train_throughput
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from based.models import BasedLM
+
+    model = BasedLM(train_throughput.model_configs("tiny")[0])
+    originals = list(model.transformer.layers)
+    with train_throughput.compiled(model, "compiled", "blocks") as forward:
+        assert forward is model
+        assert all(isinstance(layer, torch._dynamo.eval_frame.OptimizedModule) for layer in model.transformer.layers)
+        assert [layer._orig_mod for layer in model.transformer.layers] == originals
+    assert list(model.transformer.layers) == originals
+    with train_throughput.compiled(model, "eager", "blocks") as forward:
+        assert forward is model and list(model.transformer.layers) == originals
+
+
 def test_train_throughput_rejects_a_length_that_does_not_divide_the_step():
     result = run_script("train_throughput.py", "--device", "cpu", "--seqlens", "48", "--tokens-per-step", "64")
     assert result.returncode != 0 and "divide --tokens-per-step" in result.stderr
