@@ -38,7 +38,7 @@ def test_gen_throughput_rejects_bad_output_path_before_running():
     assert result.returncode != 0 and ".json or .csv" in result.stderr
 
 
-@pytest.mark.parametrize("script", ["sliding_window.py", "decode.py"])
+@pytest.mark.parametrize("script", ["sliding_window.py", "decode.py", "train_kernels.py"])
 def test_gpu_benchmarks_check_their_output_path_and_need_a_gpu(script):
     result = run_script(script, "--out", "results.txt")
     assert result.returncode != 0 and ".json or .csv" in result.stderr
