@@ -10,7 +10,8 @@ Triton ratios from the same run. This is the measurement `backend="auto"` follow
 
 Ops, as the blocks call them: RMSNorm of the fp32 residual stream (the block's first norm), RMSNorm with the
 residual add (bf16 input, fp32 residual; the second norm), rotary on q and k of the fused projection (a strided
-view), and BaseConv's causal depthwise convolution (kernel 3 over 2 * d_model channels).
+view), and BaseConv's gated causal depthwise convolution (kernel 3 over 2 * d_model channels, x and the gate the
+halves of one projection).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import sys
 import torch
 from _common import DTYPES, banner, check_out_path, environment, format_table, gpu_missing, model_configs, write_results
 
-from based.ops import apply_rotary, causal_conv1d, rms_norm
+from based.ops import apply_rotary, gated_conv1d, rms_norm
 
 
 def cases(config, B: int, T: int, dtype: torch.dtype):
@@ -41,15 +42,18 @@ def cases(config, B: int, T: int, dtype: torch.dtype):
         qk = qkv.view(B, T, 3, H, hd)[:, :, :2].flatten(2, 3)
         return apply_rotary(qk, positions, config.rotary_base, backend=backend)
 
-    def conv(backend, x, weight):
-        return causal_conv1d(x, weight, backend=backend)
+    def gated_conv(backend, projection, weight):
+        # u1, u2 halves of BaseConv's in_proj output, as the layer hands them over.
+        x, gate = projection.split(channels, dim=-1)
+        return gated_conv1d(x, gate, weight, backend=backend)
 
     return [
         ("rms_norm (fp32 residual in)", f"[{B}, {T}, {D}]", norm, (leaf(B, T, D, dtype=torch.float32), leaf(D))),
         ("rms_norm + residual add", f"[{B}, {T}, {D}]", norm_residual,
          (leaf(B, T, D), leaf(D), leaf(B, T, D, dtype=torch.float32))),
         ("rotary (q, k of qkv)", f"[{B}, {T}, {2 * H}, {hd}]", rotary, (leaf(B, T, 3 * D),)),
-        ("causal_conv1d", f"[{B}, {T}, {channels}] k={K}", conv, (leaf(B, T, channels), leaf(channels, K))),
+        ("silu(conv(u1)) * u2", f"[{B}, {T}, {channels}] k={K}", gated_conv, (leaf(B, T, 2 * channels),
+                                                                               leaf(channels, K))),
     ]
 
 

@@ -108,12 +108,12 @@ def cache_read_run(backend, cache_k, cache_v):
     return based.ops.window_cache_read(WindowCache(cache_k, cache_v), 2)
 
 
-def conv_inputs(gen, step=False):
+def conv_inputs(gen, step=False, gated=None):
     B, T, D, K = 2, 6, 5, 3
     out = dict(x=randn(gen, B, D) if step else randn(gen, B, T, D), weight=randn(gen, D, K), bias=randn(gen, D),
                state=randn(gen, B, D, K))
-    if step:
-        out["gate"] = randn(gen, B, D)
+    if gated if gated is not None else step:
+        out["gate"] = randn(gen, *out["x"].shape)
     return out
 
 
@@ -159,6 +159,10 @@ CASES = [
          lambda b, x, weight, bias, state: based.ops.causal_conv1d(x, weight, bias, initial_state=state,
                                                                    return_state=True, backend=b),
          ("triton",), grad=("x", "weight", "bias", "state"), kernels_differentiable=True),
+    Case("gated_conv1d", lambda g: conv_inputs(g, gated=True),
+         lambda b, x, weight, bias, state, gate: based.ops.gated_conv1d(x, gate, weight, bias, initial_state=state,
+                                                                         return_state=True, backend=b),
+         ("triton",), grad=("x", "gate", "weight", "bias", "state"), kernels_differentiable=True),
     Case("causal_conv1d_step", lambda g: {n: t for n, t in conv_inputs(g, step=True).items() if n != "gate"},
          lambda b, x, weight, bias, state: based.ops.causal_conv1d_step(x, state, weight, bias, backend=b),
          ("triton",), in_place=("state",), grad=("x", "weight", "bias")),

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from based.nn import BaseConv
-from based.ops import causal_conv1d, causal_conv1d_step, gated_conv1d_step, linear_gated_conv1d_step
+from based.ops import causal_conv1d, causal_conv1d_step, gated_conv1d, gated_conv1d_step, linear_gated_conv1d_step
 from based.ops._backend import triton_available
 from tests.helpers import assert_close
 from tests.test_nn import decode_in_chunks, randomized
@@ -328,43 +328,99 @@ def direct_conv(x, weight, bias, state):
     return y + (bias.double() if bias is not None else 0), history[..., -K:]
 
 
-def check_conv_kernels(B, T, D, K, dtype, with_bias, with_state, device):
+def check_conv_kernels(B, T, D, K, dtype, with_bias, with_state, device, gated=False):
+    """The Triton conv (gated: silu(conv(x)) * gate, with x and gate the strided halves of one projection, as
+    BaseConv passes them) and its gradients against the direct formula in float64."""
     gen = torch.Generator(device).manual_seed(T * 100 + D)
 
     def randn(*size):
         return torch.randn(*size, device=device, generator=gen)
 
-    x = randn(B, T, D).to(dtype).requires_grad_()
+    if gated:
+        projection = randn(B, T, 2 * D).to(dtype).requires_grad_()
+        x, gate = projection.split(D, dim=-1)
+    else:
+        projection = x = randn(B, T, D).to(dtype).requires_grad_()
     weight = randn(D, K).to(dtype).requires_grad_()
     bias = randn(D).to(dtype).requires_grad_() if with_bias else None
     state = randn(B, D, K).requires_grad_() if with_state else None
-    leaves = [t for t in (x, weight, bias, state) if t is not None]
-    y, new_state = causal_conv1d(x, weight, bias, initial_state=state, return_state=True, backend="triton")
+    leaves = [t for t in (projection, weight, bias, state) if t is not None]
+    if gated:
+        y, new_state = gated_conv1d(x, gate, weight, bias, initial_state=state, return_state=True, backend="triton")
+    else:
+        y, new_state = causal_conv1d(x, weight, bias, initial_state=state, return_state=True, backend="triton")
     gy, gs = randn(B, T, D), randn(B, D, K)
     got = torch.autograd.grad((y.double() * gy).sum() + (new_state.double() * gs).sum(), leaves)
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     it = iter(leaves64)
-    x64, w64 = next(it), next(it)
+    p64, w64 = next(it), next(it)
     b64 = next(it) if with_bias else None
     s64 = next(it) if with_state else None
+    x64, gate64 = p64.split(D, dim=-1) if gated else (p64, None)
     y_ref, state_ref = direct_conv(x64, w64, b64, s64)
+    if gated:
+        y_ref = y_ref * torch.sigmoid(y_ref) * gate64
     want = torch.autograd.grad((y_ref * gy).sum() + (state_ref * gs).sum(), leaves64)
     tolerance_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
     assert y.dtype == dtype and new_state.dtype == torch.float32
     assert_close(y, y_ref, tolerance_dtype, "y")
     assert_close(new_state, state_ref, tolerance_dtype, "state")
-    for name, g, w, leaf in zip(("dx", "dweight", "dbias", "dstate"), got, want, leaves):
+    for name, g, w, leaf in zip(("dx (and dgate)", "dweight", "dbias", "dstate"), got, want, leaves):
         assert g.dtype == leaf.dtype, name
         assert_close(g, w, tolerance_dtype, name)
 
 
 @interpreter_only
 @nan_filled
-@settings(max_examples=10)
+@settings(max_examples=20)
 @given(T=st.sampled_from([1, 2, 5, 13]), D=st.sampled_from([3, 17]), K=st.sampled_from([3, 4]),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), with_bias=st.booleans(), with_state=st.booleans())
-def test_interpreted_conv_kernels_match_direct_formula(T, D, K, dtype, with_bias, with_state):
-    check_conv_kernels(2, T, D, K, dtype, with_bias, with_state, "cpu")
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), with_bias=st.booleans(), with_state=st.booleans(),
+       gated=st.booleans())
+def test_interpreted_conv_kernels_match_direct_formula(T, D, K, dtype, with_bias, with_state, gated):
+    check_conv_kernels(2, T, D, K, dtype, with_bias, with_state, "cpu", gated=gated)
+
+
+@interpreter_only
+def test_interpreted_gated_conv_ops_pass_opcheck():
+    """Schemas and fake impls of the gated forward and its gate backward, as torch.compile needs them."""
+    from based.ops.short_conv import triton_conv  # noqa: PLC0415 (registers the ops)
+
+    gen = torch.Generator().manual_seed(0)
+    x, gate, dy = (torch.randn(2, 5, 17, generator=gen, dtype=torch.bfloat16) for _ in range(3))
+    weight, bias = torch.randn(17, 3, generator=gen, dtype=torch.bfloat16), torch.randn(17, generator=gen)
+    state = torch.randn(2, 17, 3, generator=gen)
+    torch.library.opcheck(torch.ops.based.gated_conv1d, (x, gate, weight, bias.bfloat16(), state))
+    torch.library.opcheck(torch.ops.based.gated_conv1d_gate_bwd, (x, gate, weight, None, None, dy))
+    assert triton_conv.gated_conv1d_triton is not None
+
+
+def test_gated_conv_reference_is_silu_of_conv_times_gate():
+    """The torch backend, which "auto" takes: BaseConv's unfused forward, the conv rounded to x's dtype first."""
+    gen = torch.Generator().manual_seed(0)
+    x, gate = torch.randn(2, 9, 12, generator=gen, dtype=torch.bfloat16).split(6, dim=-1)
+    weight, state = torch.randn(6, 3, generator=gen, dtype=torch.bfloat16), torch.randn(2, 6, 3, generator=gen)
+    y, new_state = gated_conv1d(x, gate, weight, initial_state=state, return_state=True)
+    conv, conv_state = causal_conv1d(x, weight, initial_state=state, return_state=True)
+    assert torch.equal(y, torch.nn.functional.silu(conv) * gate) and torch.equal(new_state, conv_state)
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (lambda a: dict(gate=a["gate"][:, :3]), ValueError, r"gate must have x's shape \(2, 4, 5\), got \(2, 3, 5\)"),
+    (lambda a: dict(gate=a["gate"].double()), TypeError, "gate must have x's dtype torch.float32"),
+    (lambda a: dict(gate=a["gate"][0]), ValueError, "gate must have 3 dimensions"),
+    (lambda a: dict(gate="g"), TypeError, "gate must be a torch.Tensor"),
+    (lambda a: dict(weight=a["weight"][:2]), ValueError, "channels of x and weight"),
+    (lambda a: dict(initial_state=torch.zeros(2, 5, 2)), ValueError, r"initial_state must have shape \(2, 5, 3\)"),
+    (lambda a: dict(return_state=1), TypeError, "return_state must be a bool"),
+    (lambda a: dict(backend="cuda"), ValueError, "gated_conv1d has no 'cuda' backend"),
+])
+def test_bad_gated_conv_inputs_raise(change, error, words):
+    gen = torch.Generator().manual_seed(0)
+    args = dict(x=torch.randn(2, 4, 5, generator=gen), gate=torch.randn(2, 4, 5, generator=gen),
+                weight=torch.randn(5, 3, generator=gen))
+    args.update(change(args))
+    with pytest.raises(error, match=words):
+        gated_conv1d(**args)
 
 
 @pytest.mark.gpu
@@ -372,5 +428,6 @@ def test_interpreted_conv_kernels_match_direct_formula(T, D, K, dtype, with_bias
 @pytest.mark.parametrize("T", [1, 2, 63, 64, 65, 1000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_gpu_conv_kernels_match_direct_formula(T, dtype, with_state):
-    check_conv_kernels(2, T, 300, 3, dtype, True, with_state, "cuda")
+@pytest.mark.parametrize("gated", [False, True])
+def test_gpu_conv_kernels_match_direct_formula(T, dtype, with_state, gated):
+    check_conv_kernels(2, T, 300, 3, dtype, True, with_state, "cuda", gated=gated)

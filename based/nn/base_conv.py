@@ -8,7 +8,7 @@ from torch import nn
 from based.nn._validate import check_cache_batch, check_hidden_states, parameter_placement
 from based.nn.norm import RMSNorm
 from based.nn.projection import project, project_conv_gated
-from based.ops import causal_conv1d, causal_conv1d_step
+from based.ops import causal_conv1d, causal_conv1d_step, gated_conv1d
 from based.ops.linear_attention.state import accumulation_dtype
 
 
@@ -87,6 +87,9 @@ class BaseConv(nn.Module):
             check_cache_batch(cache.shape[0], x)
         if cache is not None and x.shape[1] == 1:
             y = project_conv_gated(self.in_proj, x, cache, self.conv.weight, norm=norm)
+        elif cache is None:
+            u1, u2 = project(self.in_proj, x, norm=norm).split(self.d_inner, dim=-1)
+            y = gated_conv1d(u1, u2, self.conv.weight)
         else:
             u1, u2 = project(self.in_proj, x, norm=norm).split(self.d_inner, dim=-1)
             y = F.silu(self.conv(u1, cache)) * u2

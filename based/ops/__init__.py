@@ -5,7 +5,8 @@ from based.ops.linear import linear, stacked_linear
 from based.ops.linear_attention import LinearAttentionState, linear_attention, linear_attention_step
 from based.ops.rms_norm import rms_norm
 from based.ops.rotary import apply_rotary
-from based.ops.short_conv import causal_conv1d, causal_conv1d_step, gated_conv1d_step, linear_gated_conv1d_step
+from based.ops.short_conv import (causal_conv1d, causal_conv1d_step, gated_conv1d, gated_conv1d_step,
+                                  linear_gated_conv1d_step)
 from based.ops.sliding_window import (
     WindowCache,
     sliding_window_attention,
@@ -31,6 +32,7 @@ __all__ = [
     "apply_rotary",
     "causal_conv1d",
     "causal_conv1d_step",
+    "gated_conv1d",
     "gated_conv1d_step",
     "linear_gated_conv1d_step",
     "linear_cross_entropy",

@@ -9,7 +9,7 @@ from based.ops._validate import (
 )
 from based.ops.linear.interface import check_linear_input, check_weight_vector, gated_halves, gemv_supports, linear
 from based.ops.short_conv.reference import (causal_conv1d_step_torch, causal_conv1d_torch, gated_conv1d_step_torch,
-                                            linear_gated_conv1d_step_torch)
+                                            gated_conv1d_torch, linear_gated_conv1d_step_torch)
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -46,12 +46,45 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return impl(x, weight, bias, initial_state, return_state)
 
 
-def _conv_implementations():
-    impls = {"torch": causal_conv1d_torch}
-    if triton_available():
-        from based.ops.short_conv.triton_conv import causal_conv1d_triton  # noqa: PLC0415 (needs triton)
+def gated_conv1d(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 initial_state: torch.Tensor | None = None, return_state: bool = False, backend: str = "auto"):
+    """BaseConv's gated short conv over a sequence: `silu(causal_conv1d(x, weight, bias, ...)) * gate`.
 
-        impls["triton"] = causal_conv1d_triton
+    Args:
+        x: `[B, T, D]` (BaseConv's `u1`), any T >= 1. fp16, bf16, fp32 (fp64 on the torch backend).
+        gate: `[B, T, D]` (BaseConv's `u2`), x's dtype; x and gate may be the two halves of one projection.
+        weight, bias, initial_state, return_state: as `causal_conv1d`.
+        backend: "auto" (the reference for now), "torch" (rounds the conv output to x's dtype before silu and
+            the gate, as BaseConv's unfused forward does) or "triton" (conv, silu and gate in one pass, forward
+            and backward kernels, in fp32 until the single rounding of each output).
+
+    Returns:
+        `silu(y) * gate` `[B, T, D]` in x's dtype; with `return_state` also the new state, as `causal_conv1d`.
+        Differentiable in x, gate, weight, bias and initial_state.
+    """
+    check_tensor("x", x, ndim=3)
+    check_tensor("gate", gate, ndim=3)
+    if gate.shape != x.shape:
+        raise ValueError(f"gate must have x's shape {tuple(x.shape)}, got {tuple(gate.shape)}")
+    if gate.dtype != x.dtype:
+        raise TypeError(f"gate must have x's dtype {x.dtype}, got {gate.dtype}")
+    _check_weight(weight, bias, x)
+    if initial_state is not None:
+        _check_state("initial_state", initial_state, x, weight)
+    check_same_device(x=x, gate=gate, weight=weight, bias=bias, initial_state=initial_state)
+    check_bool("return_state", return_state)
+    if backend == "auto":
+        backend = "torch"  # the Triton kernels are tested, but not yet measured against the reference on a GPU
+    impl = resolve_backend("gated_conv1d", backend, x.device, _conv_implementations(gated=True))
+    return impl(x, gate, weight, bias, initial_state, return_state)
+
+
+def _conv_implementations(gated: bool = False):
+    impls = {"torch": gated_conv1d_torch if gated else causal_conv1d_torch}
+    if triton_available():
+        from based.ops.short_conv import triton_conv  # noqa: PLC0415 (needs triton)
+
+        impls["triton"] = triton_conv.gated_conv1d_triton if gated else triton_conv.causal_conv1d_triton
     return impls
 
 

@@ -30,6 +30,14 @@ def causal_conv1d_torch(x, weight, bias, initial_state, return_state: bool):
     return y, history[..., -K:].contiguous()
 
 
+def gated_conv1d_torch(x, gate, weight, bias, initial_state, return_state: bool):
+    # y is rounded to x's dtype before silu and the gate, as BaseConv's unfused forward does.
+    out = causal_conv1d_torch(x, weight, bias, initial_state, return_state)
+    y, state = out if return_state else (out, None)
+    gated = F.silu(y) * gate
+    return (gated, state) if return_state else gated
+
+
 def causal_conv1d_step_torch(x, conv_state, weight, bias):
     acc = accumulation_dtype(x.dtype)
     # Shift left and append in one copy from a fresh tensor: copying a tensor onto a shifted view of
