@@ -16,8 +16,8 @@ linear warmup. Several processes shard the model with FSDP2 (`fully_shard`, bf16
 reduction with `--dtype bfloat16`) or replicate it with `--parallel ddp`. `--checkpoint-dir` saves model,
 optimizer, scheduler and data position with `torch.distributed.checkpoint` every `--checkpoint-every` steps and
 at the end; `--resume` continues from there. `--out` writes a `save_pretrained` directory that
-`BasedLM.from_pretrained` / `Transformer.from_pretrained` load. Rank 0 logs step, loss, lr and tokens/s to
-`--metrics` (JSONL) and shows a progress bar when tqdm is installed.
+`BasedLM.from_pretrained` / `Transformer.from_pretrained` load. Rank 0 logs step, loss, lr, tokens/s (and on a
+GPU its peak memory) to `--metrics` (JSONL) and shows a progress bar when tqdm is installed.
 """
 from __future__ import annotations
 
@@ -273,6 +273,8 @@ def main(argv=None) -> int:
             dist.all_reduce(total, op=dist.ReduceOp.AVG)
         record = {"step": step + 1, "loss": float(total), "lr": lr,
                   "tokens_per_s": per_step * args.seqlen / (time.perf_counter() - began)}
+        if device.type == "cuda":
+            record["peak_memory_GB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         if args.val_every and (step + 1) % args.val_every == 0:
             record["val_loss"] = validate(model, val_tokens, args, device, rank, world)
             record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
