@@ -21,10 +21,9 @@ conv 3*d.
 Training: AdamW (weight decay 0.1), cosine schedule, batch 256, the best of the learning rates per
 configuration, up to the epoch budget with an early stop once validation accuracy passes 0.99; fp32 weights, bf16
 autocast on a GPU. The reduced sweep: five configurations, learning rates 1e-3 and 3.2e-3, 16 epochs of the
-papers' data. Each
-(configuration, learning rate) runs as its own job, `--workers` of them at once on the one device. Output: a table
-(model, config, state bytes, best lr, accuracy per test slice, mean), `--out` JSON and `--plot` PNG of mean
-accuracy against state bytes (log x), one line per model family.
+papers' data. Each (configuration, learning rate) runs as its own job, `--workers` of them at once on the one
+device. Output: a table (model, config, state bytes, best lr, accuracy per test slice, mean), `--out` JSON and
+`--plot` PNG of mean accuracy against state bytes (log x), one line per model family.
 """
 from __future__ import annotations
 

@@ -87,10 +87,7 @@ class BaseConv(nn.Module):
             check_cache_batch(cache.shape[0], x)
         if cache is not None and x.shape[1] == 1:
             y = project_conv_gated(self.in_proj, x, cache, self.conv.weight, norm=norm)
-        elif cache is None:
-            u1, u2 = project(self.in_proj, x, norm=norm).split(self.d_inner, dim=-1)
-            y = gated_conv1d(u1, u2, self.conv.weight)
         else:
             u1, u2 = project(self.in_proj, x, norm=norm).split(self.d_inner, dim=-1)
-            y = F.silu(self.conv(u1, cache)) * u2
+            y = gated_conv1d(u1, u2, self.conv.weight) if cache is None else F.silu(self.conv(u1, cache)) * u2
         return project(self.out_proj, y, residual=residual)

@@ -266,7 +266,7 @@ def _gated_backward(ctx, dy):
     x, gate, weight, bias, state = ctx.saved_tensors
     dc, dgate = _gate_bwd_op(x, gate, weight, bias, state, dy)
     dx, dw, db, d_state = _conv_grads(x, weight, ctx.bias_dtype, state, dc, ctx.needs_input_grad[4])
-    return dx, dgate.to(gate.dtype), dw, db, d_state
+    return dx, dgate, dw, db, d_state
 
 
 _gated_op.register_autograd(_gated_backward, setup_context=_gated_setup_context)
