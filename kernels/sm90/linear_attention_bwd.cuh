@@ -178,9 +178,9 @@ __device__ __forceinline__ void gradient_warpgroup(typename BwdConfig<Element, D
     warpgroup_commit_batch();
 
     // P = a S^T reads the snapshot of the state before this chunk. The dq sweep issues it now, so that it runs while
-    // the threads build D; the dk/dv sweep, which holds more registers at that point, after D.
+    // the threads build D and apply J^T; the dk/dv sweep, which holds more registers, after its other products, so
+    // that it runs while the threads store dv.
     auto issue_p = [&] {
-      bar_sync(kFull0 + stage, 256);  // the state before this chunk is in snap[stage]
       Tensor t_a_p = thr_p.partition_fragment_A(s_a);
       Tensor t_snap_f = thr_p.partition_fragment_B(s_snap_f);
       warpgroup_fence_operand(acc_p);
@@ -188,7 +188,10 @@ __device__ __forceinline__ void gradient_warpgroup(typename BwdConfig<Element, D
       mma_k_blocks(mma_p, t_a_p, t_snap_f, acc_p, true);
       warpgroup_commit_batch();
     };
-    if constexpr (!kOut) issue_p();
+    if constexpr (!kOut) {
+      bar_sync(kFull0 + stage, 256);  // the state before this chunk is in snap[stage]
+      issue_p();
+    }
 
     // The per-token factors: rows r0 and r0 + 8, and the 16 columns this thread holds.
     float row_scale[2], row_w[2];
@@ -227,13 +230,19 @@ __device__ __forceinline__ void gradient_warpgroup(typename BwdConfig<Element, D
       frag_d(i) = Element(col <= row ? da * (1.f + s) * kPairScale : 0.f);
       if constexpr (kOut) frag_a(i) = Element(col <= row ? (1.f + s + 0.5f * s * s) * cs : 0.f);
     }
-    if constexpr (kOut) issue_p();
+    if constexpr (kOut) bar_sync(kFull0 + stage, 256);  // the state before this chunk is in snap[stage]
 
     // dx within the chunk = D y, and (dk/dv sweep) dv = A g + phi(x) R[:, :DV].
     Tensor t_y_by_dim = thr_dx.partition_fragment_B(s_y_by_dim);
     Tensor t_b_by_col = thr_out_intra.partition_fragment_B(s_b_by_col);
     Tensor t_snap_v = thr_out_inter.partition_fragment_B(s_snap_v);
     Tensor acc_out = partition_fragment_C(mma_out_intra, Shape<Int<kChunk>, Int<DV>>{});
+    // Without these fences on the register operands ptxas serialises every wgmma of the kernel (C7520).
+    warpgroup_fence_operand(frag_d);
+    if constexpr (kOut) {
+      warpgroup_fence_operand(frag_a);
+      warpgroup_fence_operand(frag_phi);
+    }
     warpgroup_fence_operand(acc_dx);
     warpgroup_fence_operand(acc_out);
     warpgroup_arrive();
@@ -243,7 +252,26 @@ __device__ __forceinline__ void gradient_warpgroup(typename BwdConfig<Element, D
       mma_k_blocks(mma_out_inter, frag_phi, t_snap_v, acc_out, false);
     }
     warpgroup_commit_batch();
-    warpgroup_wait<1>();  // P; the products above run on while the threads apply J^T
+    if constexpr (kOut) {
+      issue_p();
+      warpgroup_wait<1>();  // dx and dv; P runs on while the threads store dv
+      warpgroup_fence_operand(acc_out);
+      CUTE_UNROLL
+      for (int j1 = 0; j1 < 2; ++j1) {
+        const int t = c * kChunk + r0 + 8 * j1;
+        if (t < g.order.seqlen) {
+          Element* out = g.out + g.order.row(t) * g.out_stride;
+          CUTE_UNROLL
+          for (int nb = 0; nb < DV / 8; ++nb) {
+            *reinterpret_cast<uint32_t*>(out + 8 * nb + 2 * quad) =
+                pack2<Element>(acc_out(4 * nb + 2 * j1), acc_out(4 * nb + 2 * j1 + 1));
+          }
+        }
+      }
+      warpgroup_wait<0>();
+    } else {
+      warpgroup_wait<1>();  // P; dx runs on while the threads apply J^T
+    }
     warpgroup_fence_operand(acc_p);
 
     // dx of the earlier chunks: J_phi(x_r)^T applied to P_r = scale_r (a_r S) + a_w,r z, feature by feature, into
@@ -278,23 +306,8 @@ __device__ __forceinline__ void gradient_warpgroup(typename BwdConfig<Element, D
     }
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc_dx);
-    warpgroup_fence_operand(acc_out);
     if (c + 2 < n_chunks) bar_arrive(kEmpty0 + stage, 256);  // snap[stage] may now take the state after c + 1
 
-    if constexpr (kOut) {
-      CUTE_UNROLL
-      for (int j1 = 0; j1 < 2; ++j1) {
-        const int t = c * kChunk + r0 + 8 * j1;
-        if (t < g.order.seqlen) {
-          Element* out = g.out + g.order.row(t) * g.out_stride;
-          CUTE_UNROLL
-          for (int nb = 0; nb < DV / 8; ++nb) {
-            *reinterpret_cast<uint32_t*>(out + 8 * nb + 2 * quad) =
-                pack2<Element>(acc_out(4 * nb + 2 * j1), acc_out(4 * nb + 2 * j1 + 1));
-          }
-        }
-      }
-    }
     CUTE_UNROLL
     for (int j1 = 0; j1 < 2; ++j1) {
       // Value i of the m64n16 accumulator is dim 8 * (i / 4) + 2 * quad + i % 2 of row r0 + 8 * ((i / 2) % 2).
