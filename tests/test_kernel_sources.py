@@ -33,3 +33,7 @@ def test_hopper_kernel_compiles(source, tmp_path):
            "-I", cutlass_include(), "-c", str(ROOT / "kernels" / "sm90" / source), "-o", str(tmp_path / "out.o")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr[-4000:]}"
+    # ptxas says so when it serialises the kernel's wgmma instructions (C7519/C7520: a register operand or
+    # accumulator it could not prove safe), which costs the overlap the kernels are built around.
+    losses = [line for line in result.stderr.splitlines() if "Potential Performance Loss" in line]
+    assert not losses, "\n".join(losses[:4])
