@@ -59,6 +59,33 @@ __device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
+// Shared-memory accesses in PTX. Swizzled CuTe tensors compute addresses in integers, so a pointer taken from
+// them is generic and plain C++ accesses through it compile to generic LD.E/ST.E; these are LDS/STS.
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void st_shared(void* p, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;" ::"r"(smem_address(p)), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_shared(void* p, uint4 v) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(smem_address(p)), "r"(v.x), "r"(v.y), "r"(v.z),
+               "r"(v.w)
+               : "memory");
+}
+__device__ __forceinline__ uint4 ld_shared_128(const void* p) {
+  uint4 v;
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(smem_address(p))
+               : "memory");
+  return v;
+}
+__device__ __forceinline__ uint16_t ld_shared_16(const void* p) {
+  uint16_t v;
+  asm volatile("ld.shared.b16 %0, [%1];" : "=h"(v) : "r"(smem_address(p)) : "memory");
+  return v;
+}
+
 // The public index (0..152) of internal feature f, -1 for padding.
 __host__ __device__ constexpr int public_feature(int f) {
   auto pair = [](int a, int b) {
@@ -142,7 +169,7 @@ __device__ __forceinline__ void load_values(SV& s_v, const Element* v, int64_t s
 template <int F, int End, class Element, class PhiK>
 __device__ __forceinline__ void store_features(const float (&x)[kDim], float scale, bool valid, PhiK& s_phi,
                                                int t) {
-  *reinterpret_cast<uint4*>(&s_phi(F, t)) = pack_features<F, Element>(x, scale, valid);
+  st_shared(&s_phi(F, t), pack_features<F, Element>(x, scale, valid));
   if constexpr (F + 8 < End) store_features<F + 8, End, Element>(x, scale, valid, s_phi, t);
 }
 
@@ -151,8 +178,8 @@ __device__ __forceinline__ void store_features(const float (&x)[kDim], float sca
 // time.
 template <class Element, class SQ>
 __device__ __forceinline__ void load_rotated_row(const SQ& s_q, int row, int lane_in_quad, float (&x)[kDim]) {
-  uint4 lo = *reinterpret_cast<const uint4*>(&s_q(row, 0));
-  uint4 hi = *reinterpret_cast<const uint4*>(&s_q(row, 8));
+  const uint4 lo = ld_shared_128(&s_q(row, 0));
+  const uint4 hi = ld_shared_128(&s_q(row, 8));
   uint32_t w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
   CUTE_UNROLL
   for (int bit = 1; bit < 4; bit *= 2) {
@@ -342,7 +369,7 @@ __device__ __forceinline__ void state_warpgroup(typename StateConfig<Element, DV
     CUTE_UNROLL
     for (int i = 0; i < size(acc); i += 2) {
       if (kStateRows == DV || get<0>(coord(i)) < DV) {
-        *reinterpret_cast<uint32_t*>(&t_snap(i)) = pack2<Element>(acc(i), acc(i + 1));
+        st_shared(&t_snap(i), pack2<Element>(acc(i), acc(i + 1)));
       }
     }
     CUTE_UNROLL
@@ -428,7 +455,7 @@ __device__ __forceinline__ void state_warpgroup(typename StateConfig<Element, DV
       const int g = tid % kKsumGroups, part = tid / kKsumGroups;
       float sum[8] = {};
       for (int t = part; t < kChunk; t += kKsumParts) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(&s_phi(8 * g, t));
+        const uint4 raw = ld_shared_128(&s_phi(8 * g, t));
         const Element* e = reinterpret_cast<const Element*>(&raw);
         const float weight = smem.z_weight[stage][t];
         CUTE_UNROLL
