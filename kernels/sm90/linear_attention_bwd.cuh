@@ -285,8 +285,7 @@ __device__ __forceinline__ void gradient_warpgroup(typename BwdConfig<Element, D
       for (int i = 0; i < size(acc_p); ++i) {
         const int j = i / 4, e = i % 2, j1 = (i / 2) % 2;
         if (j == 19) continue;  // the constant feature and padding: no gradient
-        const uint16_t z_bits = ld_shared_16(&s_snap_z(DV, 8 * j + 2 * quad + e));
-        const float z = to_float(reinterpret_cast<const Element&>(z_bits));
+        const float z = to_float(Element::bitcast(ld_shared_16(&s_snap_z(DV, 8 * j + 2 * quad + e))));
         const float pf = acc_p(i) * row_scale[j1] + row_w[j1] * z;
         if (j < 16) {
           const int delta = j / 2, o = 8 * (j % 2) + e;
