@@ -29,9 +29,6 @@ constexpr int kDim = 16;
 constexpr int kFeatures = 160;
 constexpr int kPublicFeatures = 153;
 constexpr int kThreads = 256;
-// ksum of a chunk: 20 groups of 8 features times 6 partial sums over tokens, 120 of the state warpgroup's threads.
-constexpr int kKsumGroups = 20;
-constexpr int kKsumParts = 6;
 
 // Named barriers (0 is __syncthreads).
 // kFull0 + i: snapshot i written (state warpgroup arrives, the other waits); kEmpty0 + i: snapshot i read.
@@ -63,6 +60,9 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // them is generic and plain C++ accesses through it compile to generic LD.E/ST.E; these are LDS/STS.
 __device__ __forceinline__ uint32_t smem_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void st_shared(void* p, uint16_t v) {
+  asm volatile("st.shared.b16 [%0], %1;" ::"r"(smem_address(p)), "h"(v) : "memory");
 }
 __device__ __forceinline__ void st_shared(void* p, uint32_t v) {
   asm volatile("st.shared.b32 [%0], %1;" ::"r"(smem_address(p)), "r"(v) : "memory");
@@ -126,28 +126,47 @@ __device__ __forceinline__ float to_float(Element x) {
   return static_cast<float>(x);
 }
 
-// Internal feature f of the row x[0..15] (f a compile-time constant after unrolling).
+// A row of y readied for its features times `scale` at one multiply each: y = x sqrt(scale) d^(-1/4), so that the
+// pair features x_a x_b scale / sqrt(d) are y_a y_b, the squares y_a^2 / sqrt(2), the linear features
+// x_a scale d^(-1/4) are y_a sqrt(scale) (as d^(-1/4) = sqrt(d^(-1/2))) and the constant one is `scale`.
+struct ScaledRow {
+  float y[kDim];
+  float root, scale;  // sqrt(scale), scale
+};
+
+__device__ __forceinline__ ScaledRow scaled_row(const float (&x)[kDim], float scale) {
+  ScaledRow r;
+  r.scale = scale;
+  r.root = sqrtf(scale);
+  CUTE_UNROLL
+  for (int i = 0; i < kDim; ++i) r.y[i] = x[i] * (r.root * kLinearScale);
+  return r;
+}
+
+constexpr float kSquareOverPair = kSquareScale / kPairScale;  // 1 / sqrt(2)
+
+// Internal feature f of a scaled row (f a compile-time constant after unrolling).
 template <int F>
-__device__ __forceinline__ float feature(const float (&x)[kDim]) {
-  if constexpr (F < 128) {
-    constexpr int a = F % 16, b = (F % 16 + F / 16) % 16;
-    return x[a] * x[b] * (F / 16 == 0 ? kSquareScale : kPairScale);
+__device__ __forceinline__ float feature(const ScaledRow& r) {
+  if constexpr (F < 16) {
+    return r.y[F] * r.y[F] * kSquareOverPair;
+  } else if constexpr (F < 128) {
+    return r.y[F % 16] * r.y[(F % 16 + F / 16) % 16];
   } else if constexpr (F < 144) {
-    return x[F - 128] * kLinearScale;
+    return r.y[F - 128] * r.root;
   } else if constexpr (F < 152) {
-    return x[F - 144] * x[F - 144 + 8] * kPairScale;
+    return r.y[F - 144] * r.y[F - 144 + 8];
   } else {
-    return F == 152 ? 1.f : 0.f;
+    return F == 152 ? r.scale : 0.f;
   }
 }
 
-// Features [F, F + 8) of one row times `scale`, packed for one 16-byte store (zeros for a token past the end).
+// Features [F, F + 8) of one scaled row, packed for one 16-byte store.
 template <int F, class Element>
-__device__ __forceinline__ uint4 pack_features(const float (&x)[kDim], float scale, bool valid) {
-  if (!valid) return make_uint4(0, 0, 0, 0);
-  auto two = [&](auto f0, auto f1) { return pack2<Element>(f0 * scale, f1 * scale); };
-  return make_uint4(two(feature<F>(x), feature<F + 1>(x)), two(feature<F + 2>(x), feature<F + 3>(x)),
-                    two(feature<F + 4>(x), feature<F + 5>(x)), two(feature<F + 6>(x), feature<F + 7>(x)));
+__device__ __forceinline__ uint4 pack_features(const ScaledRow& r) {
+  auto two = [&](float f0, float f1) { return pack2<Element>(f0, f1); };
+  return make_uint4(two(feature<F>(r), feature<F + 1>(r)), two(feature<F + 2>(r), feature<F + 3>(r)),
+                    two(feature<F + 4>(r), feature<F + 5>(r)), two(feature<F + 6>(r), feature<F + 7>(r)));
 }
 
 // Chunk c of the rows of v (64 tokens x DV, in `order`) into a shared-memory tensor indexed (value column,
@@ -165,12 +184,11 @@ __device__ __forceinline__ void load_values(SV& s_v, const Element* v, int64_t s
   }
 }
 
-// Features [F, End) of one token times `scale` into its row of phi(k), 8 per 16-byte store.
+// Features [F, End) of one token's scaled row into its row of phi(k), 8 per 16-byte store.
 template <int F, int End, class Element, class PhiK>
-__device__ __forceinline__ void store_features(const float (&x)[kDim], float scale, bool valid, PhiK& s_phi,
-                                               int t) {
-  st_shared(&s_phi(F, t), pack_features<F, Element>(x, scale, valid));
-  if constexpr (F + 8 < End) store_features<F + 8, End, Element>(x, scale, valid, s_phi, t);
+__device__ __forceinline__ void store_features(const ScaledRow& r, PhiK& s_phi, int t) {
+  st_shared(&s_phi(F, t), pack_features<F, Element>(r));
+  if constexpr (F + 8 < End) store_features<F + 8, End, Element>(r, s_phi, t);
 }
 
 // Row `row` of q from shared memory as floats, rotated left by 2 * `lane_in_quad` elements: x[i] = q[row][(2L + i)
@@ -200,19 +218,19 @@ __device__ __forceinline__ void load_rotated_row(const SQ& s_q, int row, int lan
 // `x` is the row rotated by 2L (load_rotated_row), so every feature index below is a compile-time constant.
 template <int J1, class Element, class Fragment>
 __device__ __forceinline__ void build_phi_q(const float (&x)[kDim], int lane_in_quad, Fragment& frag) {
+  const ScaledRow r = scaled_row(x, 1.f);
   CUTE_UNROLL
   for (int j2 = 0; j2 < 2; ++j2) {
     CUTE_UNROLL
     for (int j0 = 0; j0 < 2; ++j0) {
       const int o = j0 + 8 * j2;  // column offset within the k-block, less 2L
       const int v = j0 + 2 * J1 + 4 * j2;
+      frag(v) = Element(r.y[o] * r.y[o] * kSquareOverPair);
       CUTE_UNROLL
-      for (int delta = 0; delta < 8; ++delta) {
-        frag(v + 8 * delta) = Element(x[o] * x[(o + delta) % 16] * (delta == 0 ? kSquareScale : kPairScale));
-      }
-      frag(v + 8 * 8) = Element(x[o] * kLinearScale);
+      for (int delta = 1; delta < 8; ++delta) frag(v + 8 * delta) = Element(r.y[o] * r.y[(o + delta) % 16]);
+      frag(v + 8 * 8) = Element(r.y[o]);
       // f = 144 + 2L + o: the pair (a, a + 8) for o < 8; then the constant (f = 152), then padding.
-      const float last = j2 == 0 ? x[o] * x[o + 8] * kPairScale : (j0 == 0 && lane_in_quad == 0 ? 1.f : 0.f);
+      const float last = j2 == 0 ? r.y[o] * r.y[o + 8] : (j0 == 0 && lane_in_quad == 0 ? 1.f : 0.f);
       frag(v + 8 * 9) = Element(last);
     }
   }
@@ -294,9 +312,93 @@ struct StateConfig {
     array_aligned<Element, cosize_v<VStateLayout>, 1024> v[2];
     array_aligned<Element, cosize_v<PhiKLayout>, 1024> phi_k[2];
     array_aligned<Element, kSnapSize, 1024> snap[2];
-    float ksum_parts[kKsumParts][kFeatures];
     float z_weight[2][kChunk];
   };
+};
+
+// z = sum over tokens of z_weight_t phi(y_t) on the tensor cores, as z^T = phi(y)^T W per 16-feature tile: a
+// 16 x 8 x 64 mma.sync product per tile and chunk whose B = W holds the tokens' z weights rounded to Element in
+// column 0 and their rounding remainders in column 1 (zeros elsewhere), so the two accumulator columns, which the
+// same lane holds, sum to z at fp32 accuracy. Warp w keeps tiles w, w + 4 and (warps 0, 1) w + 8 of the ten.
+// phi(y)^T comes in with transposing ldmatrix straight from the swizzled layout the state update reads.
+template <class Element>
+struct ZSum {
+  using Mma = std::conditional_t<std::is_same_v<Element, cutlass::bfloat16_t>, SM80_16x8x16_F32BF16BF16F32_TN,
+                                 SM80_16x8x16_F32F16F16F32_TN>;
+  static constexpr int kTiles = kFeatures / 16;
+  static constexpr int kTilesPerWarp = (kTiles + 3) / 4;
+  // Tile i of this warp: rows g and g + 8 (features 16 tile + g, + 8) in acc[i][0..1] and acc[i][2..3] of the
+  // lanes with lane % 4 == 0; the other lanes' columns are zero.
+  float acc[kTilesPerWarp][4];
+  int warp, lane;
+
+  __device__ __forceinline__ int tile(int i) const { return warp + 4 * i; }
+  __device__ __forceinline__ bool has_tile(int i) const { return tile(i) < kTiles; }
+  __device__ __forceinline__ int feature(int i, int upper) const { return 16 * tile(i) + lane / 4 + 8 * upper; }
+
+  __device__ __forceinline__ void init(const float* ksum0, int tid) {
+    warp = tid / 32, lane = tid % 32;
+    CUTE_UNROLL
+    for (int i = 0; i < kTilesPerWarp; ++i) {
+      CUTE_UNROLL
+      for (int v = 0; v < 4; ++v) {
+        const int e = has_tile(i) ? public_feature(feature(i, v / 2)) : -1;
+        acc[i][v] = (ksum0 != nullptr && lane % 4 == 0 && v % 2 == 0 && e >= 0) ? ksum0[e] : 0.f;
+      }
+    }
+  }
+
+  // Adds one chunk: phi(y) in s_phi (features x tokens), z weights in `weights` ([64] fp32), or all
+  // `uniform_weight` when `weights` is null.
+  template <class PhiK>
+  __device__ __forceinline__ void add(const PhiK& s_phi, const float* weights, float uniform_weight) {
+    const int col = lane / 4, q = lane % 4;
+    CUTE_UNROLL
+    for (int kk = 0; kk < kChunk / 16; ++kk) {
+      // B: lanes 0-3 hold column 0 (tokens 16 kk + 2q, + 1 in b[0]; + 8 in b[1]), lanes 4-7 column 1.
+      uint32_t b[2] = {0, 0};
+      if (col < 2) {
+        CUTE_UNROLL
+        for (int half = 0; half < 2; ++half) {
+          float w[2];
+          CUTE_UNROLL
+          for (int i = 0; i < 2; ++i) w[i] = weights != nullptr ? weights[16 * kk + 8 * half + 2 * q + i] : uniform_weight;
+          const Element hi0(w[0]), hi1(w[1]);
+          b[half] = col == 0 ? pack2<Element>(w[0], w[1])
+                             : pack2<Element>(w[0] - static_cast<float>(hi0), w[1] - static_cast<float>(hi1));
+        }
+      }
+      CUTE_UNROLL
+      for (int i = 0; i < kTilesPerWarp; ++i) {
+        if (!has_tile(i)) continue;
+        // A = phi(y)^T of the tile's 16 features x 16 tokens: matrix m of the four is features + 8 (m % 2),
+        // tokens + 8 (m / 2); lane l gives the address of row (token) l % 8 of matrix l / 8.
+        const int token = 16 * kk + 8 * (lane / 16) + lane % 8;
+        uint32_t a[4];
+        SM75_U16x8_LDSM_T::copy(
+            *reinterpret_cast<const uint128_t*>(&s_phi(16 * tile(i) + 8 * ((lane / 8) % 2), token)), a[0], a[1],
+            a[2], a[3]);
+        Mma::fma(acc[i][0], acc[i][1], acc[i][2], acc[i][3], a[0], a[1], a[2], a[3], b[0], b[1], acc[i][0],
+                 acc[i][1], acc[i][2], acc[i][3]);
+      }
+    }
+  }
+
+  // z's snapshot row (bf16/fp16) through `write(f, z_f)` and, when `out` is given, z in the public layout.
+  template <class Write>
+  __device__ __forceinline__ void store(Write&& write, float* out) const {
+    if (lane % 4 != 0) return;
+    CUTE_UNROLL
+    for (int i = 0; i < kTilesPerWarp; ++i) {
+      CUTE_UNROLL
+      for (int upper = 0; upper < 2 && has_tile(i); ++upper) {
+        const int f = feature(i, upper), e = public_feature(f);
+        const float z = acc[i][2 * upper] + acc[i][2 * upper + 1];
+        write(f, z);
+        if (out != nullptr && e >= 0) out[e] = z;
+      }
+    }
+  }
 };
 
 // One sweep's state, S = S0 + sum over tokens of phi(y_t) [b_t / den_t, z_weight_t] (rows: features), for the
@@ -338,13 +440,8 @@ __device__ __forceinline__ void state_warpgroup(typename StateConfig<Element, DV
     const int m = get<0>(coord(i)), e = public_feature(get<1>(coord(i)));
     acc(i) = (sw.kv0 != nullptr && m < DV && e >= 0) ? sw.kv0[e * DV + m] : 0.f;
   }
-  // z of features tid and (tid < 32) 128 + tid.
-  float ksum[2];
-  CUTE_UNROLL
-  for (int j = 0; j < 2; ++j) {
-    const int f = tid + 128 * j, e = f < kFeatures ? public_feature(f) : -1;
-    ksum[j] = (sw.ksum0 != nullptr && e >= 0) ? sw.ksum0[e] : 0.f;
-  }
+  ZSum<Element> z;
+  z.init(sw.ksum0, tid);
   // Zero the snapshot rows past z's, in both buffers, once.
   constexpr int kZeroRows = kSnapRows - DV - 1;
   for (int i = tid; i < 2 * kZeroRows * kFeatures; i += 128) {
@@ -361,22 +458,33 @@ __device__ __forceinline__ void state_warpgroup(typename StateConfig<Element, DV
     }
   }
 
+  // The snapshot leaves the accumulators through stmatrix (8x8 bf16/fp16 tiles, four per instruction).
+  auto snap_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_state);
+  auto thr_snap_copy = snap_copy.get_thread_slice(tid);
+  const int warp = tid / 32;
   auto write_snapshot = [&](int buf) {
     Tensor s_snap_out = make_tensor(make_smem_ptr(smem.snap[buf].data()), SnapOut{});
     Tensor s_snap = make_tensor(make_smem_ptr(smem.snap[buf].data()), SnapState{});
-    Tensor t_snap = thr_state.partition_C(s_snap);
-    // Values 2i and 2i + 1 are features f, f + 1 of one row: one 4-byte store.
+    Tensor src = thr_snap_copy.retile_S(acc);  // ((8 values of one stmatrix, k), m, 1)
+    Tensor dst = thr_snap_copy.partition_D(s_snap);
     CUTE_UNROLL
-    for (int i = 0; i < size(acc); i += 2) {
-      if (kStateRows == DV || get<0>(coord(i)) < DV) {
-        st_shared(&t_snap(i), pack2<Element>(acc(i), acc(i + 1)));
+    for (int m = 0; m < size<1>(dst); ++m) {
+      // Row block m of a warp is rows 64m + 16 warp ... + 15; those at DV and past it are z's row and the zero
+      // rows, which the state (always zero there) must not overwrite.
+      if (kStateRows != DV && 64 * m + 16 * warp >= DV) continue;
+      CUTE_UNROLL
+      for (int k = 0; k < size<0, 1>(src); ++k) {
+        // Converted one stmatrix at a time, so that no second copy of the state is ever live.
+        Tensor tile = make_tensor<Element>(shape<0, 0>(src));
+        Tensor tile_pairs = recast<uint32_t>(tile);
+        CUTE_UNROLL
+        for (int i = 0; i < size(tile_pairs); ++i) {
+          tile_pairs(i) = pack2<Element>(src(make_coord(2 * i, k), m, 0), src(make_coord(2 * i + 1, k), m, 0));
+        }
+        copy(snap_copy, tile, dst(make_coord(_, k), m, 0));
       }
     }
-    CUTE_UNROLL
-    for (int j = 0; j < 2; ++j) {
-      const int f = tid + 128 * j;
-      if (f < kFeatures) s_snap_out(DV, f) = Element(ksum[j]);
-    }
+    z.store([&](int f, float z_f) { st_shared(&s_snap_out(DV, f), Element(z_f).raw()); }, nullptr);
     cutlass::arch::fence_view_async_shared();
     bar_arrive(kFull0 + buf, 256);
   };
@@ -397,7 +505,7 @@ __device__ __forceinline__ void state_warpgroup(typename StateConfig<Element, DV
   auto load_y = [&](int c, Row& r) {
     const int t = c * kChunk + my_t;
     r.raw[0] = r.raw[1] = make_uint4(0, 0, 0, 0);
-    r.scale = 1.f;
+    r.scale = 0.f;  // a token past the end has phi(y) = 0
     r.z_weight = 0.f;
     if (t < sw.order.seqlen) {
       const int64_t row = sw.order.row(t);
@@ -416,12 +524,12 @@ __device__ __forceinline__ void state_warpgroup(typename StateConfig<Element, DV
     float x[kDim];
     CUTE_UNROLL
     for (int i = 0; i < kDim; ++i) x[i] = to_float(e[i]);
-    const bool valid = c * kChunk + my_t < sw.order.seqlen;
+    const ScaledRow row = scaled_row(x, r.scale);
     if (half == 0) {
-      store_features<0, 80, Element>(x, r.scale, valid, s_phi, my_t);
+      store_features<0, 80, Element>(row, s_phi, my_t);
       smem.z_weight[c % 2][my_t] = r.z_weight;
     } else {
-      store_features<80, 160, Element>(x, r.scale, valid, s_phi, my_t);
+      store_features<80, 160, Element>(row, s_phi, my_t);
     }
   };
 
@@ -449,33 +557,11 @@ __device__ __forceinline__ void state_warpgroup(typename StateConfig<Element, DV
     mma_k_blocks(mma_state, t_v, t_phi, acc, false);
     warpgroup_commit_batch();
 
-    // z: thread (group g, part) adds features [8g, 8g + 8) over tokens part, part + 6, ... with 16-byte loads;
-    // then thread f adds the six parts of feature f.
-    if (tid < kKsumGroups * kKsumParts) {
-      const int g = tid % kKsumGroups, part = tid / kKsumGroups;
-      float sum[8] = {};
-      for (int t = part; t < kChunk; t += kKsumParts) {
-        const uint4 raw = ld_shared_128(&s_phi(8 * g, t));
-        const Element* e = reinterpret_cast<const Element*>(&raw);
-        const float weight = smem.z_weight[stage][t];
-        CUTE_UNROLL
-        for (int i = 0; i < 8; ++i) sum[i] += to_float(e[i]) * weight;
-      }
-      CUTE_UNROLL
-      for (int i = 0; i < 8; ++i) smem.ksum_parts[part][8 * g + i] = sum[i];
-    }
+    // z on the tensor cores too, while the update runs; then phi(y) of the next chunk.
+    z.add(s_phi, sw.w != nullptr ? smem.z_weight[stage] : nullptr, sw.z_ones ? 1.f : 0.f);
     if (c + 1 < n_chunks) {
       build_phi_y(c + 1, y_row);
       if (c + 2 < n_chunks) load_y(c + 2, y_row);
-    }
-    bar_sync(kStateGroup, 128);
-    CUTE_UNROLL
-    for (int j = 0; j < 2; ++j) {
-      const int f = tid + 128 * j;
-      if (f < kFeatures) {
-        CUTE_UNROLL
-        for (int part = 0; part < kKsumParts; ++part) ksum[j] += smem.ksum_parts[part][f];
-      }
     }
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc);
@@ -493,12 +579,8 @@ __device__ __forceinline__ void state_warpgroup(typename StateConfig<Element, DV
       const int m = get<0>(coord(i)), e = public_feature(get<1>(coord(i)));
       if (m < DV && e >= 0) sw.kv_out[e * DV + m] = acc(i);
     }
-    CUTE_UNROLL
-    for (int j = 0; j < 2; ++j) {
-      const int f = tid + 128 * j, e = f < kFeatures ? public_feature(f) : -1;
-      if (e >= 0) sw.ksum_out[e] = ksum[j];
-    }
   }
+  if (sw.kv_out != nullptr) z.store([](int, float) {}, sw.ksum_out);
 }
 
 }  // namespace based::la_sm90
