@@ -72,6 +72,19 @@ __device__ __forceinline__ void st_shared(void* p, uint4 v) {
                "r"(v.w)
                : "memory");
 }
+// The same at a 32-bit shared-memory address: a buffer's address plus a layout offset, which skips the generic
+// pointer arithmetic and the conversion back for every access.
+__device__ __forceinline__ void st_shared_at(uint32_t address, uint4 v) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(address), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+// Four 8x8 16-bit matrices, transposed: lane l gives the address of row l % 8 of matrix l / 8.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t address, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address)
+               : "memory");
+}
 __device__ __forceinline__ uint4 ld_shared_128(const void* p) {
   uint4 v;
   asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
@@ -185,10 +198,10 @@ __device__ __forceinline__ void load_values(SV& s_v, const Element* v, int64_t s
 }
 
 // Features [F, End) of one token's scaled row into its row of phi(k), 8 per 16-byte store.
-template <int F, int End, class Element, class PhiK>
-__device__ __forceinline__ void store_features(const ScaledRow& r, PhiK& s_phi, int t) {
-  st_shared(&s_phi(F, t), pack_features<F, Element>(r));
-  if constexpr (F + 8 < End) store_features<F + 8, End, Element>(r, s_phi, t);
+template <int F, int End, class Element, class PhiKLayout>
+__device__ __forceinline__ void store_features(const ScaledRow& r, uint32_t phi_address, int t) {
+  st_shared_at(phi_address + PhiKLayout{}(F, t) * sizeof(Element), pack_features<F, Element>(r));
+  if constexpr (F + 8 < End) store_features<F + 8, End, Element, PhiKLayout>(r, phi_address, t);
 }
 
 // Row `row` of q from shared memory as floats, rotated left by 2 * `lane_in_quad` elements: x[i] = q[row][(2L + i)
@@ -348,10 +361,10 @@ struct ZSum {
     }
   }
 
-  // Adds one chunk: phi(y) in s_phi (features x tokens), z weights in `weights` ([64] fp32), or all
-  // `uniform_weight` when `weights` is null.
-  template <class PhiK>
-  __device__ __forceinline__ void add(const PhiK& s_phi, const float* weights, float uniform_weight) {
+  // Adds one chunk: phi(y) at shared address `phi_address` in PhiKLayout (features x tokens), z weights in
+  // `weights` ([64] fp32), or all `uniform_weight` when `weights` is null.
+  template <class PhiKLayout>
+  __device__ __forceinline__ void add(uint32_t phi_address, const float* weights, float uniform_weight) {
     const int col = lane / 4, q = lane % 4;
     CUTE_UNROLL
     for (int kk = 0; kk < kChunk / 16; ++kk) {
@@ -375,9 +388,7 @@ struct ZSum {
         // tokens + 8 (m / 2); lane l gives the address of row (token) l % 8 of matrix l / 8.
         const int token = 16 * kk + 8 * (lane / 16) + lane % 8;
         uint32_t a[4];
-        SM75_U16x8_LDSM_T::copy(
-            *reinterpret_cast<const uint128_t*>(&s_phi(16 * tile(i) + 8 * ((lane / 8) % 2), token)), a[0], a[1],
-            a[2], a[3]);
+        ldmatrix_x4_trans(phi_address + PhiKLayout{}(16 * tile(i) + 8 * ((lane / 8) % 2), token) * sizeof(Element), a);
         Mma::fma(acc[i][0], acc[i][1], acc[i][2], acc[i][3], a[0], a[1], a[2], a[3], b[0], b[1], acc[i][0],
                  acc[i][1], acc[i][2], acc[i][3]);
       }
@@ -519,17 +530,17 @@ __device__ __forceinline__ void state_warpgroup(typename StateConfig<Element, DV
     }
   };
   auto build_phi_y = [&](int c, const Row& r) {
-    Tensor s_phi = make_tensor(make_smem_ptr(smem.phi_k[c % 2].data()), typename Cfg::PhiKLayout{});
+    const uint32_t phi_address = smem_address(smem.phi_k[c % 2].data());
     const Element* e = reinterpret_cast<const Element*>(r.raw);
     float x[kDim];
     CUTE_UNROLL
     for (int i = 0; i < kDim; ++i) x[i] = to_float(e[i]);
     const ScaledRow row = scaled_row(x, r.scale);
     if (half == 0) {
-      store_features<0, 80, Element>(row, s_phi, my_t);
+      store_features<0, 80, Element, typename Cfg::PhiKLayout>(row, phi_address, my_t);
       smem.z_weight[c % 2][my_t] = r.z_weight;
     } else {
-      store_features<80, 160, Element>(row, s_phi, my_t);
+      store_features<80, 160, Element, typename Cfg::PhiKLayout>(row, phi_address, my_t);
     }
   };
 
@@ -558,7 +569,8 @@ __device__ __forceinline__ void state_warpgroup(typename StateConfig<Element, DV
     warpgroup_commit_batch();
 
     // z on the tensor cores too, while the update runs; then phi(y) of the next chunk.
-    z.add(s_phi, sw.w != nullptr ? smem.z_weight[stage] : nullptr, sw.z_ones ? 1.f : 0.f);
+    z.template add<typename Cfg::PhiKLayout>(smem_address(smem.phi_k[stage].data()),
+                                            sw.w != nullptr ? smem.z_weight[stage] : nullptr, sw.z_ones ? 1.f : 0.f);
     if (c + 1 < n_chunks) {
       build_phi_y(c + 1, y_row);
       if (c + 2 < n_chunks) load_y(c + 2, y_row);
