@@ -320,11 +320,19 @@ struct StateConfig {
   using MmaScores = SsMma<Element, kChunk, kDim, GMMA::Major::K, GMMA::Major::K>;
   using MmaState = SsMma<Element, kFeatures, kChunk, GMMA::Major::MN, GMMA::Major::MN>;
 
+  // Chunks of b and y in flight: loads run kLoadStages - 1 chunks ahead of the update (y's one further, as
+  // phi(y) is built a chunk early); three where shared memory allows (every value dim's forward and backward
+  // fit with two).
+  static constexpr int kLoadStages = DV <= 64 ? 3 : 2;
+
   // The state warpgroup's buffers.
   struct Storage {
-    array_aligned<Element, cosize_v<VStateLayout>, 1024> v[2];
+    array_aligned<Element, cosize_v<VStateLayout>, 1024> v[kLoadStages];
     array_aligned<Element, cosize_v<PhiKLayout>, 1024> phi_k[2];
     array_aligned<Element, kSnapSize, 1024> snap[2];
+    array_aligned<Element, kChunk * kDim, 16> y_rows[kLoadStages];  // [token][dim]
+    float den[kLoadStages][kChunk];
+    float w[kLoadStages][kChunk];
     float z_weight[2][kChunk];
   };
 };
@@ -463,7 +471,7 @@ __device__ __forceinline__ void state_warpgroup(typename StateConfig<Element, DV
   // Columns DV.. of b^T stay zero.
   if constexpr (kStateRows > DV) {
     constexpr int kPad = (kStateRows - DV) * kChunk;
-    for (int i = tid; i < 2 * kPad; i += 128) {
+    for (int i = tid; i < Cfg::kLoadStages * kPad; i += 128) {
       Tensor s_v = make_tensor(make_smem_ptr(smem.v[i / kPad].data()), typename Cfg::VStateLayout{});
       s_v(DV + (i % kPad) / kChunk, i % kChunk) = Element(0.f);
     }
@@ -501,44 +509,49 @@ __device__ __forceinline__ void state_warpgroup(typename StateConfig<Element, DV
   };
   write_snapshot(0);
 
-  auto load_b = [&](int c, int stage) {
-    Tensor s_v = make_tensor(make_smem_ptr(smem.v[stage].data()), typename Cfg::VStateLayout{});
-    load_values<DV>(s_v, sw.b, sw.b_stride, c, sw.order, tid);
-    cp_async_commit();
-  };
-  // Thread (token tid / 2, half tid % 2) builds features [80 * half, 80 * half + 80) of its token, from the raw
-  // row of y (and its scalars) loaded one chunk earlier so that the loads' latency hides behind a whole chunk.
-  const int my_t = tid / 2, half = tid % 2;
-  struct Row {
-    uint4 raw[2];
-    float scale, z_weight;
-  };
-  auto load_y = [&](int c, Row& r) {
-    const int t = c * kChunk + my_t;
-    r.raw[0] = r.raw[1] = make_uint4(0, 0, 0, 0);
-    r.scale = 0.f;  // a token past the end has phi(y) = 0
-    r.z_weight = 0.f;
-    if (t < sw.order.seqlen) {
-      const int64_t row = sw.order.row(t);
-      const uint4* src = reinterpret_cast<const uint4*>(sw.y + row * sw.y_stride);
-      r.raw[0] = src[0];
-      r.raw[1] = src[1];
-      const float den = sw.den != nullptr ? sw.den[row] : 1.f;
-      r.scale = 1.f / den;
-      // z adds z_weight * phi(y), and phi(y) is stored divided by den.
-      r.z_weight = sw.w != nullptr ? sw.w[row] * den : (sw.z_ones ? 1.f : 0.f);
+  // Group i of cp.async copies: b of chunk i and y (with its scalars) of chunk i + 1, into stage (chunk) %
+  // kLoadStages. Tokens past the end read nothing and come in as zeros.
+  constexpr int kStages = Cfg::kLoadStages;
+  auto load_y = [&](int c) {
+    const int stage = c % kStages, t = c * kChunk + tid / 2;
+    const bool valid = t < sw.order.seqlen;
+    const int64_t row = sw.order.row(valid ? t : 0);
+    cp_async_16(smem.y_rows[stage].data() + tid * 8, sw.y + row * sw.y_stride + (tid % 2) * 8, valid);
+    // Thread j < 64 fetches token j's divisor, thread 64 + j its z weight.
+    const int j = tid % kChunk, tj = c * kChunk + j;
+    const float* scalars = tid < kChunk ? sw.den : sw.w;
+    if (scalars != nullptr && tj < sw.order.seqlen) {
+      cp_async_4(&(tid < kChunk ? smem.den : smem.w)[stage][j], scalars + sw.order.row(tj));
     }
   };
-  auto build_phi_y = [&](int c, const Row& r) {
-    const uint32_t phi_address = smem_address(smem.phi_k[c % 2].data());
-    const Element* e = reinterpret_cast<const Element*>(r.raw);
+  auto issue_group = [&](int i) {
+    if (i < n_chunks) {
+      Tensor s_v = make_tensor(make_smem_ptr(smem.v[i % kStages].data()), typename Cfg::VStateLayout{});
+      load_values<DV>(s_v, sw.b, sw.b_stride, i, sw.order, tid);
+    }
+    if (i + 1 < n_chunks) load_y(i + 1);
+    cp_async_commit();
+  };
+  // Thread (token tid / 2, half tid % 2) builds features [80 * half, 80 * half + 80) of its token of chunk c.
+  const int my_t = tid / 2, half = tid % 2;
+  auto build_phi_y = [&](int c) {
+    const int stage = c % kStages;
+    const bool valid = c * kChunk + my_t < sw.order.seqlen;
+    const uint4 lo = ld_shared_128(smem.y_rows[stage].data() + my_t * kDim);
+    const uint4 hi = ld_shared_128(smem.y_rows[stage].data() + my_t * kDim + 8);
+    const uint32_t words[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    const Element* e = reinterpret_cast<const Element*>(words);
     float x[kDim];
     CUTE_UNROLL
     for (int i = 0; i < kDim; ++i) x[i] = to_float(e[i]);
-    const ScaledRow row = scaled_row(x, r.scale);
+    const float den = sw.den != nullptr && valid ? smem.den[stage][my_t] : 1.f;
+    // A token past the end has phi(y) = 0; phi(y) is stored divided by den, and z adds z_weight * phi(y).
+    const ScaledRow row = scaled_row(x, valid ? 1.f / den : 0.f);
+    const uint32_t phi_address = smem_address(smem.phi_k[c % 2].data());
     if (half == 0) {
       store_features<0, 80, Element, typename Cfg::PhiKLayout>(row, phi_address, my_t);
-      smem.z_weight[c % 2][my_t] = r.z_weight;
+      smem.z_weight[c % 2][my_t] = !valid ? 0.f : sw.w != nullptr ? smem.w[stage][my_t] * den
+                                                                  : (sw.z_ones ? 1.f : 0.f);
     } else {
       store_features<80, 160, Element, typename Cfg::PhiKLayout>(row, phi_address, my_t);
     }
@@ -546,20 +559,21 @@ __device__ __forceinline__ void state_warpgroup(typename StateConfig<Element, DV
 
   // Chunk c: its phi(y) and b are in shared memory when the loop reaches it; the update of the state by chunk
   // c runs on the tensor cores while the threads sum its phi(y) into z and build phi(y) of chunk c + 1.
-  Row y_row;
-  load_y(0, y_row);
-  load_b(0, 0);
-  build_phi_y(0, y_row);
-  if (n_chunks > 1) load_y(1, y_row);
+  load_y(0);
+  for (int i = 0; i < kStages - 1; ++i) issue_group(i);
+  cp_async_wait<kStages - 2>();
+  bar_sync(kStateGroup, 128);  // y of chunk 0 is in, from every thread's copies
+  build_phi_y(0);
   for (int c = 0; c < n_chunks; ++c) {
     const int stage = c % 2;
-    cp_async_wait<0>();
+    cp_async_wait<kStages - 2>();
     cutlass::arch::fence_view_async_shared();
-    // phi(y) and b of chunk c are complete; the update by chunk c - 1 is done, so its buffers are free.
+    // phi(y) and b of chunk c and y of chunk c + 1 are complete; the update by chunk c - 1 is done, so its
+    // buffers are free.
     bar_sync(kStateGroup, 128);
-    if (c + 1 < n_chunks) load_b(c + 1, stage ^ 1);
+    issue_group(c + kStages - 1);
 
-    Tensor s_v = make_tensor(make_smem_ptr(smem.v[stage].data()), typename Cfg::VStateLayout{});
+    Tensor s_v = make_tensor(make_smem_ptr(smem.v[c % kStages].data()), typename Cfg::VStateLayout{});
     Tensor s_phi = make_tensor(make_smem_ptr(smem.phi_k[stage].data()), typename Cfg::PhiKLayout{});
     Tensor t_v = thr_state.partition_fragment_A(s_v);
     Tensor t_phi = thr_state.partition_fragment_B(s_phi);
@@ -571,10 +585,7 @@ __device__ __forceinline__ void state_warpgroup(typename StateConfig<Element, DV
     // z on the tensor cores too, while the update runs; then phi(y) of the next chunk.
     z.template add<typename Cfg::PhiKLayout>(smem_address(smem.phi_k[stage].data()),
                                             sw.w != nullptr ? smem.z_weight[stage] : nullptr, sw.z_ones ? 1.f : 0.f);
-    if (c + 1 < n_chunks) {
-      build_phi_y(c + 1, y_row);
-      if (c + 2 < n_chunks) load_y(c + 2, y_row);
-    }
+    if (c + 1 < n_chunks) build_phi_y(c + 1);
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc);
 

@@ -32,9 +32,9 @@ struct Config : StateConfig<Element, DV> {
   using MmaInter = RsMma<Element, kOutCols, kFeatures, GMMA::Major::K>;
 
   struct SharedStorage {
-    array_aligned<Element, cosize_v<typename Base::QKLayout>, 1024> q[2];
-    array_aligned<Element, cosize_v<typename Base::QKLayout>, 1024> k[2];
-    array_aligned<Element, cosize_v<VOutLayout>, 1024> v_out[2];
+    array_aligned<Element, cosize_v<typename Base::QKLayout>, 1024> q[Base::kLoadStages];
+    array_aligned<Element, cosize_v<typename Base::QKLayout>, 1024> k[Base::kLoadStages];
+    array_aligned<Element, cosize_v<VOutLayout>, 1024> v_out[Base::kLoadStages];
     typename Base::Storage state;
   };
 };
@@ -60,7 +60,8 @@ __global__ void __launch_bounds__(kThreads, 1) linear_attention_fwd_kernel(const
   if (warpgroup == 0) {
     // ---------------- output warpgroup ----------------
     // Columns DV.. of [v, 1] never change: 1 in column DV (the normaliser), zeros after.
-    for (int i = tid; i < 2 * (kOutCols - DV) * kChunk; i += 128) {
+    constexpr int kStages = Cfg::kLoadStages;
+    for (int i = tid; i < kStages * (kOutCols - DV) * kChunk; i += 128) {
       const int stage = i / ((kOutCols - DV) * kChunk), rest = i % ((kOutCols - DV) * kChunk);
       const int col = DV + rest / kChunk, t = rest % kChunk;
       Tensor s_v = make_tensor(make_smem_ptr(smem.v_out[stage].data()), typename Cfg::VOutLayout{});
@@ -92,20 +93,23 @@ __global__ void __launch_bounds__(kThreads, 1) linear_attention_fwd_kernel(const
     const int warp = tid / 32, lane = tid % 32, quad = lane % 4;
     const int r0 = warp * 16 + lane / 4;
 
-    load_chunk(0, 0);
-    cp_async_commit();
-    for (int c = 0; c < n_chunks; ++c) {
-      const int stage = c % 2;
-      if (c + 1 < n_chunks) load_chunk(c + 1, stage ^ 1);
+    // Chunks load kStages - 1 ahead, one cp.async group each.
+    for (int i = 0; i < kStages - 1; ++i) {
+      if (i < n_chunks) load_chunk(i, i);
       cp_async_commit();
-      cp_async_wait<1>();
+    }
+    for (int c = 0; c < n_chunks; ++c) {
+      const int stage = c % kStages, buf = c % 2;  // load stage, snapshot buffer
+      if (c + kStages - 1 < n_chunks) load_chunk(c + kStages - 1, (c + kStages - 1) % kStages);
+      cp_async_commit();
+      cp_async_wait<kStages - 1>();
       cutlass::arch::fence_view_async_shared();
       bar_sync(kMathGroup, 128);
 
       Tensor s_q = make_tensor(make_smem_ptr(smem.q[stage].data()), typename Cfg::QKLayout{});
       Tensor s_k = make_tensor(make_smem_ptr(smem.k[stage].data()), typename Cfg::QKLayout{});
       Tensor s_v = make_tensor(make_smem_ptr(smem.v_out[stage].data()), typename Cfg::VOutLayout{});
-      Tensor s_snap = make_tensor(make_smem_ptr(smem.state.snap[stage].data()), typename Cfg::SnapOut{});
+      Tensor s_snap = make_tensor(make_smem_ptr(smem.state.snap[buf].data()), typename Cfg::SnapOut{});
 
       // S = Q K^T
       Tensor t_q = thr_scores.partition_fragment_A(s_q);
@@ -135,7 +139,7 @@ __global__ void __launch_bounds__(kThreads, 1) linear_attention_fwd_kernel(const
         frag_a(i) = Element(col <= row ? 1.f + s + 0.5f * s * s : 0.f);
       }
 
-      bar_sync(kFull0 + stage, 256);  // the state before this chunk is in snap[stage]
+      bar_sync(kFull0 + buf, 256);  // the state before this chunk is in snap[buf]
       Tensor t_v = thr_intra.partition_fragment_B(s_v);
       Tensor t_snap = thr_inter.partition_fragment_B(s_snap);
       warpgroup_fence_operand(acc_o);
@@ -145,7 +149,7 @@ __global__ void __launch_bounds__(kThreads, 1) linear_attention_fwd_kernel(const
       warpgroup_commit_batch();
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc_o);
-      if (c + 2 < n_chunks) bar_arrive(kEmpty0 + stage, 256);  // snap[stage] may now take the state after c + 1
+      if (c + 2 < n_chunks) bar_arrive(kEmpty0 + buf, 256);  // snap[buf] may now take the state after c + 1
 
       // Epilogue: the normaliser is column DV, held by the quad's first lane.
       CUTE_UNROLL
