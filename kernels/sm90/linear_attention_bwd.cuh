@@ -161,7 +161,6 @@ __device__ __forceinline__ void gradient_warpgroup(typename BwdConfig<Element, D
     Tensor s_a = make_tensor(make_smem_ptr(smem.a[vstage].data()), typename Cfg::ValueByToken{});
     Tensor s_b = make_tensor(make_smem_ptr(smem.b[vstage].data()), typename Cfg::ValueByToken{});
     Tensor s_b_by_col = make_tensor(make_smem_ptr(smem.b[vstage].data()), typename Cfg::ValueByColumn{});
-    Tensor s_snap_z = make_tensor(make_smem_ptr(smem.state.snap[stage].data()), typename Cfg::SnapZ{});
     Tensor s_snap_v = make_tensor(make_smem_ptr(smem.state.snap[stage].data()), typename Cfg::SnapValues{});
     Tensor s_snap_f = make_tensor(make_smem_ptr(smem.state.snap[stage].data()), typename Cfg::SnapByFeature{});
 
@@ -198,11 +197,22 @@ __device__ __forceinline__ void gradient_warpgroup(typename BwdConfig<Element, D
     CUTE_UNROLL
     for (int j1 = 0; j1 < 2; ++j1) {
       const int r = r0 + 8 * j1;
-      row_scale[j1] = normalize && g.den_on_rows ? 1.f / smem.den[stage][r] : 1.f;
+      row_scale[j1] = normalize && g.den_on_rows ? reciprocal(smem.den[stage][r]) : 1.f;
       row_w[j1] = g.den_on_rows ? (normalize ? smem.w[stage][r] : 0.f) : 1.f;
     }
-    auto col_scale = [&](int col) { return normalize && !g.den_on_rows ? 1.f / smem.den[stage][col] : 1.f; };
-    auto col_w = [&](int col) { return g.den_on_rows ? 1.f : (normalize ? smem.w[stage][col] : 0.f); };
+    // Column 2k + e of this thread is token 8k + 2 quad + e (loaded once per chunk: the shared-memory accesses in
+    // inline assembly elsewhere keep the compiler from reusing loads across them).
+    float col_scale[16], col_w[16];
+    CUTE_UNROLL
+    for (int k = 0; k < 8; ++k) {
+      const float2 den = *reinterpret_cast<const float2*>(&smem.den[stage][8 * k + 2 * quad]);
+      const float2 w = *reinterpret_cast<const float2*>(&smem.w[stage][8 * k + 2 * quad]);
+      const bool scaled = normalize && !g.den_on_rows;
+      col_scale[2 * k] = scaled ? reciprocal(den.x) : 1.f;
+      col_scale[2 * k + 1] = scaled ? reciprocal(den.y) : 1.f;
+      col_w[2 * k] = g.den_on_rows ? 1.f : (normalize ? w.x : 0.f);
+      col_w[2 * k + 1] = g.den_on_rows ? 1.f : (normalize ? w.y : 0.f);
+    }
 
     Tensor frag_phi = make_tensor<Element>(Shape<Shape<_2, _2, _2>, _1, Int<kFeatures / 16>>{});
     if constexpr (kOut) {
@@ -225,8 +235,8 @@ __device__ __forceinline__ void gradient_warpgroup(typename BwdConfig<Element, D
       const int row = r0 + 8 * j1;
       const int col = 8 * (i / 4) + 2 * quad + i % 2;
       const float s = acc_s(i) * kPairScale;
-      const float cs = col_scale(col);
-      const float da = acc_da(i) * row_scale[j1] * cs + row_w[j1] * col_w(col);
+      const float cs = col_scale[2 * (i / 4) + i % 2];
+      const float da = acc_da(i) * row_scale[j1] * cs + row_w[j1] * col_w[2 * (i / 4) + i % 2];
       frag_d(i) = Element(col <= row ? da * (1.f + s) * kPairScale : 0.f);
       if constexpr (kOut) frag_a(i) = Element(col <= row ? (1.f + s + 0.5f * s * s) * cs : 0.f);
     }
@@ -281,11 +291,15 @@ __device__ __forceinline__ void gradient_warpgroup(typename BwdConfig<Element, D
       float x[2][kDim];
       load_rotated_row<Element>(s_x, r0, quad, x[0]);
       load_rotated_row<Element>(s_x, r0 + 8, quad, x[1]);
+      // z of features 8j + 2 quad, + 1: one 4-byte load each, at the row's address plus a compile-time offset (the
+      // swizzle moves 16-byte chunks, so 2 quad stays inside one).
+      const uint32_t z_row = smem_address(smem.state.snap[stage].data()) + 4 * quad;
       CUTE_UNROLL
       for (int i = 0; i < size(acc_p); ++i) {
         const int j = i / 4, e = i % 2, j1 = (i / 2) % 2;
         if (j == 19) continue;  // the constant feature and padding: no gradient
-        const float z = to_float(Element::bitcast(ld_shared_16(&s_snap_z(DV, 8 * j + 2 * quad + e))));
+        const uint32_t pair = ld_shared_32_at(z_row + typename Cfg::SnapZ{}(DV, 8 * j) * sizeof(Element));
+        const float z = to_float(Element::bitcast(static_cast<uint16_t>(e == 0 ? pair & 0xffffu : pair >> 16)));
         const float pf = acc_p(i) * row_scale[j1] + row_w[j1] * z;
         if (j < 16) {
           const int delta = j / 2, o = 8 * (j % 2) + e;

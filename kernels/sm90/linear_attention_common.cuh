@@ -78,6 +78,11 @@ __device__ __forceinline__ void st_shared_at(uint32_t address, uint4 v) {
   asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(address), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                : "memory");
 }
+__device__ __forceinline__ uint32_t ld_shared_32_at(uint32_t address) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(address) : "memory");
+  return v;
+}
 // Four 8x8 16-bit matrices, transposed: lane l gives the address of row l % 8 of matrix l / 8.
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t address, uint32_t (&r)[4]) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
@@ -132,6 +137,14 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
     __half2 p = __floats2half2_rn(lo, hi);
     return reinterpret_cast<uint32_t&>(p);
   }
+}
+
+// 1 / x for the per-token normalisers (x >= 1/2): the hardware reciprocal (one instruction, within 1 ulp), where
+// IEEE division costs a Newton step and a slow-path branch per call, which the backward makes dozens of per chunk.
+__device__ __forceinline__ float reciprocal(float x) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
 }
 
 template <class Element>
@@ -546,7 +559,7 @@ __device__ __forceinline__ void state_warpgroup(typename StateConfig<Element, DV
     for (int i = 0; i < kDim; ++i) x[i] = to_float(e[i]);
     const float den = sw.den != nullptr && valid ? smem.den[stage][my_t] : 1.f;
     // A token past the end has phi(y) = 0; phi(y) is stored divided by den, and z adds z_weight * phi(y).
-    const ScaledRow row = scaled_row(x, valid ? 1.f / den : 0.f);
+    const ScaledRow row = scaled_row(x, valid ? reciprocal(den) : 0.f);
     const uint32_t phi_address = smem_address(smem.phi_k[c % 2].data());
     if (half == 0) {
       store_features<0, 80, Element, typename Cfg::PhiKLayout>(row, phi_address, my_t);

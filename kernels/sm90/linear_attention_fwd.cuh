@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(kThreads, 1) linear_attention_fwd_kernel(const
         const int row = r0 + 8 * j1;
         const int t = c * kChunk + row;
         const float den = __shfl_sync(0xffffffffu, acc_o(4 * (DV / 8) + 2 * j1), lane & ~3) + p.eps;
-        const float scale = p.normalize ? 1.f / den : 1.f;
+        const float scale = p.normalize ? reciprocal(den) : 1.f;
         if (t < p.seqlen) {
           Element* o = static_cast<Element*>(p.o) + b * p.o_batch_stride + t * p.o_seq_stride + h * p.o_head_stride;
           CUTE_UNROLL
