@@ -106,10 +106,9 @@ __device__ __forceinline__ void gradient_warpgroup(typename BwdConfig<Element, D
     const int t = c * kChunk + row;
     const bool valid = t < g.order.seqlen;
     const int64_t tt = g.order.row(valid ? t : 0);
-    Tensor s_x = make_tensor(make_smem_ptr(smem.x[stage].data()), QK{});
-    Tensor s_y = make_tensor(make_smem_ptr(smem.y[stage].data()), QK{});
-    cp_async_16(&s_x(row, col), g.x + tt * g.x_stride + col, valid);
-    cp_async_16(&s_y(row, col), g.y + tt * g.y_stride + col, valid);
+    const uint32_t offset = QK{}(row, col) * sizeof(Element);
+    cp_async_16_at(smem_address(smem.x[stage].data()) + offset, g.x + tt * g.x_stride + col, valid);
+    cp_async_16_at(smem_address(smem.y[stage].data()) + offset, g.y + tt * g.y_stride + col, valid);
     if (normalize && tid < kChunk) {
       const int64_t r = g.order.row(min(c * kChunk + tid, g.order.seqlen - 1));
       cp_async_4(&smem.den[stage][tid], g.den + r);
@@ -117,10 +116,9 @@ __device__ __forceinline__ void gradient_warpgroup(typename BwdConfig<Element, D
     }
   };
   auto load_value_tiles = [&](int c, int vstage) {
-    Tensor s_a = make_tensor(make_smem_ptr(smem.a[vstage].data()), typename Cfg::ValueByColumn{});
-    Tensor s_b = make_tensor(make_smem_ptr(smem.b[vstage].data()), typename Cfg::ValueByColumn{});
-    load_values<DV>(s_a, g.a, g.a_stride, c, g.order, tid);
-    load_values<DV>(s_b, g.b, g.b_stride, c, g.order, tid);
+    using Layout = typename Cfg::ValueByColumn;
+    load_values<DV, Layout>(smem_address(smem.a[vstage].data()), g.a, g.a_stride, c, g.order, tid);
+    load_values<DV, Layout>(smem_address(smem.b[vstage].data()), g.b, g.b_stride, c, g.order, tid);
   };
 
   typename Cfg::MmaScores mma_scores;

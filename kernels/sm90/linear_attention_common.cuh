@@ -41,10 +41,9 @@ __device__ __forceinline__ void bar_arrive(int id, int count) {
   asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(count) : "memory");
 }
 
-// 16-byte global -> shared copy; reads nothing and writes zeros when !valid.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0)
+// 16-byte global -> shared copy to a 32-bit shared address; reads nothing and writes zeros when !valid.
+__device__ __forceinline__ void cp_async_16_at(uint32_t smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0)
                : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
@@ -197,16 +196,19 @@ __device__ __forceinline__ uint4 pack_features(const ScaledRow& r) {
 
 // Chunk c of the rows of v (64 tokens x DV, in `order`) into a shared-memory tensor indexed (value column,
 // token), by the 128 threads of one warpgroup with 16-byte copies; tokens past the end are zeros.
-template <int DV, class Element, class SV>
-__device__ __forceinline__ void load_values(SV& s_v, const Element* v, int64_t seq_stride, int c,
+// The destination is a 32-bit shared address plus the layout's offset, which skips generic pointer arithmetic.
+template <int DV, class Layout, class Element>
+__device__ __forceinline__ void load_values(uint32_t s_v, const Element* v, int64_t seq_stride, int c,
                                             const TokenOrder& order, int tid) {
   constexpr int kPerRow = DV / 8;
+  static_assert(kChunk * kPerRow % 128 == 0, "every thread copies the same number of 16-byte pieces");
   CUTE_UNROLL
   for (int i = tid; i < kChunk * kPerRow; i += 128) {
     const int row = i / kPerRow, col = (i % kPerRow) * 8;
     const int t = c * kChunk + row;
     const bool valid = t < order.seqlen;
-    cp_async_16(&s_v(col, row), v + order.row(valid ? t : 0) * seq_stride + col, valid);
+    cp_async_16_at(s_v + Layout{}(col, row) * sizeof(Element), v + order.row(valid ? t : 0) * seq_stride + col,
+                   valid);
   }
 }
 
@@ -529,7 +531,8 @@ __device__ __forceinline__ void state_warpgroup(typename StateConfig<Element, DV
     const int stage = c % kStages, t = c * kChunk + tid / 2;
     const bool valid = t < sw.order.seqlen;
     const int64_t row = sw.order.row(valid ? t : 0);
-    cp_async_16(smem.y_rows[stage].data() + tid * 8, sw.y + row * sw.y_stride + (tid % 2) * 8, valid);
+    cp_async_16_at(smem_address(smem.y_rows[stage].data() + tid * 8), sw.y + row * sw.y_stride + (tid % 2) * 8,
+                   valid);
     // Thread j < 64 fetches token j's divisor, thread 64 + j its z weight.
     const int j = tid % kChunk, tj = c * kChunk + j;
     const float* scalars = tid < kChunk ? sw.den : sw.w;
@@ -539,8 +542,8 @@ __device__ __forceinline__ void state_warpgroup(typename StateConfig<Element, DV
   };
   auto issue_group = [&](int i) {
     if (i < n_chunks) {
-      Tensor s_v = make_tensor(make_smem_ptr(smem.v[i % kStages].data()), typename Cfg::VStateLayout{});
-      load_values<DV>(s_v, sw.b, sw.b_stride, i, sw.order, tid);
+      load_values<DV, typename Cfg::VStateLayout>(smem_address(smem.v[i % kStages].data()), sw.b, sw.b_stride, i,
+                                                  sw.order, tid);
     }
     if (i + 1 < n_chunks) load_y(i + 1);
     cp_async_commit();

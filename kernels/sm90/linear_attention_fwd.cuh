@@ -72,12 +72,11 @@ __global__ void __launch_bounds__(kThreads, 1) linear_attention_fwd_kernel(const
       const int t = c * kChunk + row;
       const bool valid = t < p.seqlen;
       const int tt = valid ? t : 0;
-      Tensor s_q = make_tensor(make_smem_ptr(smem.q[stage].data()), typename Cfg::QKLayout{});
-      Tensor s_k = make_tensor(make_smem_ptr(smem.k[stage].data()), typename Cfg::QKLayout{});
-      cp_async_16(&s_q(row, col), q + tt * p.q_seq_stride + col, valid);
-      cp_async_16(&s_k(row, col), k + tt * p.k_seq_stride + col, valid);
-      Tensor s_v = make_tensor(make_smem_ptr(smem.v_out[stage].data()), typename Cfg::VOutLayout{});
-      load_values<DV>(s_v, v, p.v_seq_stride, c, order, tid);
+      const uint32_t offset = typename Cfg::QKLayout{}(row, col) * sizeof(Element);
+      cp_async_16_at(smem_address(smem.q[stage].data()) + offset, q + tt * p.q_seq_stride + col, valid);
+      cp_async_16_at(smem_address(smem.k[stage].data()) + offset, k + tt * p.k_seq_stride + col, valid);
+      load_values<DV, typename Cfg::VOutLayout>(smem_address(smem.v_out[stage].data()), v, p.v_seq_stride, c, order,
+                                                tid);
     };
 
     typename Cfg::MmaScores mma_scores;
