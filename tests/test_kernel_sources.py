@@ -37,3 +37,18 @@ def test_hopper_kernel_compiles(source, tmp_path):
     # accumulator it could not prove safe), which costs the overlap the kernels are built around.
     losses = [line for line in result.stderr.splitlines() if "Potential Performance Loss" in line]
     assert not losses, "\n".join(losses[:4])
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on PATH")
+@pytest.mark.skipif(cutlass_include() is None, reason="no CUTLASS headers (pip install nvidia-cutlass)")
+def test_hopper_shared_memory_addressing(tmp_path):
+    """The kernels' 32-bit shared addresses (buffer + smem_offset) are the bytes CuTe's tensors address, and the
+    z-sum's ldmatrix rows give mma.sync its A fragment: a host program over the kernels' own layouts."""
+    binary = tmp_path / "sm90_layouts"
+    cmd = ["nvcc", "-std=c++17", "-O0", "--expt-relaxed-constexpr", "-gencode", "arch=compute_90a,code=sm_90a",
+           "-I", cutlass_include(), "-I", str(ROOT / "kernels" / "sm90"), str(ROOT / "tests" / "sm90_layouts.cu"),
+           "-o", str(binary)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr[-4000:]}"
+    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-4000:]

@@ -106,7 +106,7 @@ __device__ __forceinline__ void gradient_warpgroup(typename BwdConfig<Element, D
     const int t = c * kChunk + row;
     const bool valid = t < g.order.seqlen;
     const int64_t tt = g.order.row(valid ? t : 0);
-    const uint32_t offset = QK{}(row, col) * sizeof(Element);
+    const uint32_t offset = smem_offset<QK, Element>(row, col);
     cp_async_16_at(smem_address(smem.x[stage].data()) + offset, g.x + tt * g.x_stride + col, valid);
     cp_async_16_at(smem_address(smem.y[stage].data()) + offset, g.y + tt * g.y_stride + col, valid);
     if (normalize && tid < kChunk) {
@@ -296,7 +296,7 @@ __device__ __forceinline__ void gradient_warpgroup(typename BwdConfig<Element, D
       for (int i = 0; i < size(acc_p); ++i) {
         const int j = i / 4, e = i % 2, j1 = (i / 2) % 2;
         if (j == 19) continue;  // the constant feature and padding: no gradient
-        const uint32_t pair = ld_shared_32_at(z_row + typename Cfg::SnapZ{}(DV, 8 * j) * sizeof(Element));
+        const uint32_t pair = ld_shared_32_at(z_row + smem_offset<typename Cfg::SnapZ, Element>(DV, 8 * j));
         const float z = to_float(Element::bitcast(static_cast<uint16_t>(e == 0 ? pair & 0xffffu : pair >> 16)));
         const float pf = acc_p(i) * row_scale[j1] + row_w[j1] * z;
         if (j < 16) {

@@ -41,6 +41,15 @@ __device__ __forceinline__ void bar_arrive(int id, int count) {
   asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(count) : "memory");
 }
 
+// Byte offset of element `coord` of a shared-memory buffer in `Layout`, as CuTe's tensors address it: the layout's
+// swizzle acts on the byte offset of its unswizzled part, not on the element offset that evaluating the layout
+// itself gives. Every buffer is 1024-byte aligned, beyond every swizzle's reach, so offsets add to its address.
+template <class Layout, class Element, class... Coord>
+CUTE_HOST_DEVICE uint32_t smem_offset(Coord... coord) {
+  return get_swizzle_portion(Layout{})(static_cast<uint32_t>(get_nonswizzle_portion(Layout{})(coord...)) *
+                                       static_cast<uint32_t>(sizeof(Element)));
+}
+
 // 16-byte global -> shared copy to a 32-bit shared address; reads nothing and writes zeros when !valid.
 __device__ __forceinline__ void cp_async_16_at(uint32_t smem, const void* gmem, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0)
@@ -207,7 +216,7 @@ __device__ __forceinline__ void load_values(uint32_t s_v, const Element* v, int6
     const int row = i / kPerRow, col = (i % kPerRow) * 8;
     const int t = c * kChunk + row;
     const bool valid = t < order.seqlen;
-    cp_async_16_at(s_v + Layout{}(col, row) * sizeof(Element), v + order.row(valid ? t : 0) * seq_stride + col,
+    cp_async_16_at(s_v + smem_offset<Layout, Element>(col, row), v + order.row(valid ? t : 0) * seq_stride + col,
                    valid);
   }
 }
@@ -215,7 +224,7 @@ __device__ __forceinline__ void load_values(uint32_t s_v, const Element* v, int6
 // Features [F, End) of one token's scaled row into its row of phi(k), 8 per 16-byte store.
 template <int F, int End, class Element, class PhiKLayout>
 __device__ __forceinline__ void store_features(const ScaledRow& r, uint32_t phi_address, int t) {
-  st_shared_at(phi_address + PhiKLayout{}(F, t) * sizeof(Element), pack_features<F, Element>(r));
+  st_shared_at(phi_address + smem_offset<PhiKLayout, Element>(F, t), pack_features<F, Element>(r));
   if constexpr (F + 8 < End) store_features<F + 8, End, Element, PhiKLayout>(r, phi_address, t);
 }
 
@@ -411,7 +420,7 @@ struct ZSum {
         // tokens + 8 (m / 2); lane l gives the address of row (token) l % 8 of matrix l / 8.
         const int token = 16 * kk + 8 * (lane / 16) + lane % 8;
         uint32_t a[4];
-        ldmatrix_x4_trans(phi_address + PhiKLayout{}(16 * tile(i) + 8 * ((lane / 8) % 2), token) * sizeof(Element), a);
+        ldmatrix_x4_trans(phi_address + smem_offset<PhiKLayout, Element>(16 * tile(i) + 8 * ((lane / 8) % 2), token), a);
         Mma::fma(acc[i][0], acc[i][1], acc[i][2], acc[i][3], a[0], a[1], a[2], a[3], b[0], b[1], acc[i][0],
                  acc[i][1], acc[i][2], acc[i][3]);
       }

@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kThreads, 1) linear_attention_fwd_kernel(const
       const int t = c * kChunk + row;
       const bool valid = t < p.seqlen;
       const int tt = valid ? t : 0;
-      const uint32_t offset = typename Cfg::QKLayout{}(row, col) * sizeof(Element);
+      const uint32_t offset = smem_offset<typename Cfg::QKLayout, Element>(row, col);
       cp_async_16_at(smem_address(smem.q[stage].data()) + offset, q + tt * p.q_seq_stride + col, valid);
       cp_async_16_at(smem_address(smem.k[stage].data()) + offset, k + tt * p.k_seq_stride + col, valid);
       load_values<DV, typename Cfg::VOutLayout>(smem_address(smem.v_out[stage].data()), v, p.v_seq_stride, c, order,
