@@ -58,8 +58,8 @@ struct BwdConfig : StateConfig<Element, DV> {
     array_aligned<Element, cosize_v<typename Base::QKLayout>, 1024> y[2];
     array_aligned<Element, cosize_v<ValueByToken>, 1024> a[kValueStages];
     array_aligned<Element, cosize_v<ValueByToken>, 1024> b[kValueStages];
-    float den[2][kChunk];
-    float w[2][kChunk];
+    alignas(16) float den[2][kChunk];  // read as float2 pairs
+    alignas(16) float w[2][kChunk];
     typename Base::Storage state;
   };
 };
