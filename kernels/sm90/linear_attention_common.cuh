@@ -72,15 +72,7 @@ __device__ __forceinline__ uint32_t smem_address(const void* p) {
 __device__ __forceinline__ void st_shared(void* p, uint16_t v) {
   asm volatile("st.shared.b16 [%0], %1;" ::"r"(smem_address(p)), "h"(v) : "memory");
 }
-__device__ __forceinline__ void st_shared(void* p, uint32_t v) {
-  asm volatile("st.shared.b32 [%0], %1;" ::"r"(smem_address(p)), "r"(v) : "memory");
-}
-__device__ __forceinline__ void st_shared(void* p, uint4 v) {
-  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(smem_address(p)), "r"(v.x), "r"(v.y), "r"(v.z),
-               "r"(v.w)
-               : "memory");
-}
-// The same at a 32-bit shared-memory address: a buffer's address plus a layout offset, which skips the generic
+// Stores and loads at a 32-bit shared-memory address: a buffer's address plus a layout offset, which skips the generic
 // pointer arithmetic and the conversion back for every access.
 __device__ __forceinline__ void st_shared_at(uint32_t address, uint4 v) {
   asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(address), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
@@ -104,11 +96,6 @@ __device__ __forceinline__ uint4 ld_shared_128(const void* p) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "r"(smem_address(p))
                : "memory");
-  return v;
-}
-__device__ __forceinline__ uint16_t ld_shared_16(const void* p) {
-  uint16_t v;
-  asm volatile("ld.shared.b16 %0, [%1];" : "=h"(v) : "r"(smem_address(p)) : "memory");
   return v;
 }
 
