@@ -144,7 +144,8 @@ def fa2_causal():
 
 def gpu_ms(fn, inputs, *, backward: bool) -> float:
     """Median GPU time (CUDA events, `triton.testing.do_bench`) of `fn(*inputs)`, with a backward pass of a
-    random output gradient when `backward`."""
+    random output gradient when `backward`. The inputs' gradients are reset to None before each run, as a
+    training step's `zero_grad()` does, so no gradient-accumulation kernel is timed."""
     import triton.testing
 
     grad = torch.randn_like(fn(*inputs)) if backward else None
@@ -154,7 +155,8 @@ def gpu_ms(fn, inputs, *, backward: bool) -> float:
         if backward:
             out.backward(grad)
 
-    return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+    return triton.testing.do_bench(run, warmup=25, rep=100, grad_to_none=list(inputs) if backward else None,
+                                   return_mode="median")
 
 
 def graph_ms(fn) -> float:

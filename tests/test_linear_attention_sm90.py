@@ -64,7 +64,8 @@ def test_strided_inputs_give_the_contiguous_result(how):
 
 
 def test_opcheck():
-    # The ops are differentiated through cuda_op's autograd.Function, not on their own: plain tensors here.
+    # The kernels' ops take plain tensors (linear_attention_sm90's C++ autograd node differentiates them); the
+    # differentiable op is checked with inputs and an initial state that require grad.
     q, k, v = (x.cuda() for x in random_qkv(1, 100, 2, 16, 64, torch.bfloat16))
     k0, v0 = (x.cuda() for x in random_qkv(1, 5, 2, 16, 64, torch.float64)[1:])
     kv0, ksum0 = (x.float() for x in state_reference(k0, v0))
@@ -76,19 +77,26 @@ def test_opcheck():
                           (q, k, v, o, dout, den, kv0, ksum0, d_kv, d_ksum, True))
     torch.library.opcheck(torch.ops.based.linear_attention_bwd_sm90,
                           (q, k, v, o, dout, None, None, None, None, None, False))
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, kv0, ksum0)]
+    for normalize, return_state in ((True, True), (False, False)):
+        torch.library.opcheck(torch.ops.based.linear_attention_sm90, (*leaves, normalize, 1e-6, return_state))
+    torch.library.opcheck(torch.ops.based.linear_attention_sm90, (*leaves[:3], None, None, True, 1e-6, False))
 
 
-def test_state_only_gradients():
-    """Only the returned state is used: its gradient reaches k and v, and none reaches q."""
+@pytest.mark.parametrize("used", ["kv", "ksum"])
+def test_state_only_gradients(used):
+    """Only one part of the returned state is used: its gradient reaches k (and v), and none reaches q."""
     q, k, v = (x.cuda().requires_grad_() for x in random_qkv(1, 130, 2, 16, 64, torch.bfloat16))
     _, state = linear_attention(q, k, v, return_state=True, backend="cuda")
-    state.kv.sum().backward()
+    getattr(state, used).sum().backward()
     kd, vd = (x.detach().double().requires_grad_() for x in (k, v))
-    kv_ref, _ = state_reference(kd, vd)
-    kv_ref.sum().backward()
+    dict(zip(("kv", "ksum"), state_reference(kd, vd)))[used].sum().backward()
     assert torch.count_nonzero(q.grad) == 0
     assert_close(k.grad, kd.grad, torch.bfloat16, "dk")
-    assert_close(v.grad, vd.grad, torch.bfloat16, "dv")
+    if vd.grad is None:  # ksum does not depend on v
+        assert torch.count_nonzero(v.grad) == 0
+    else:
+        assert_close(v.grad, vd.grad, torch.bfloat16, "dv")
 
 
 def test_compiles_without_graph_breaks():

@@ -51,17 +51,20 @@ def check_kernel_dtype(dtype: torch.dtype, kernels: str) -> None:
 
 def check_same_device(**tensors: torch.Tensor) -> None:
     """All tensors live on one device."""
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        seen = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
-        raise ValueError(f"all inputs must be on one device, got {seen}")
+    present = [t for t in tensors.values() if t is not None]
+    if all(t.device == present[0].device for t in present[1:]):
+        return
+    seen = ", ".join(f"{name} on {t.device}" for name, t in tensors.items() if t is not None)
+    raise ValueError(f"all inputs must be on one device, got {seen}")
 
 
-def check_dims_match(what: str, **dims: int) -> None:
-    """Sizes that must agree (e.g. batch of q, k, v); the message lists each argument's size."""
-    if len(set(dims.values())) > 1:
-        seen = ", ".join(f"{name}={size}" for name, size in dims.items())
-        raise ValueError(f"{what} must match, got {seen}")
+def check_dims_match(what: str, **dims) -> None:
+    """Sizes (ints or shapes) that must agree (e.g. batch of q, k, v); the message lists each argument's size."""
+    values = list(dims.values())
+    if all(size == values[0] for size in values[1:]):
+        return
+    seen = ", ".join(f"{name}={tuple(size) if isinstance(size, torch.Size) else size}" for name, size in dims.items())
+    raise ValueError(f"{what} must match, got {seen}")
 
 
 def check_shape(name: str, x: torch.Tensor, expected: Sequence[int]) -> None:

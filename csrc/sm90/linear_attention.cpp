@@ -1,10 +1,12 @@
 // torch.ops.based.linear_attention_{fwd,bwd}_sm90: checks, allocation and dispatch around the Hopper kernels in
-// kernels/sm90/, plus their Meta kernels. Built only when the CUTLASS headers are found (setup.py), so their
-// schemas live here rather than in extension.cpp: the ops exist exactly when their kernels were built.
+// kernels/sm90/, plus their Meta kernels; and torch.ops.based.linear_attention_sm90, the two as one differentiable
+// op. Built only when the CUTLASS headers are found (setup.py), so their schemas live here rather than in
+// extension.cpp: the ops exist exactly when their kernels were built.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <array>
@@ -218,9 +220,93 @@ Grads backward_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   return empty_grads(q, v, need_d_state0);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& kv0,
+    const std::optional<at::Tensor>& ksum0, bool normalize, double eps, bool return_den, bool return_state) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("based::linear_attention_fwd_sm90", "")
+                             .typed<decltype(forward_cuda)>();
+  return op.call(q, k, v, kv0, ksum0, normalize, eps, return_den, return_state);
+}
+
+Grads call_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
+                    const at::Tensor& dout, const std::optional<at::Tensor>& den,
+                    const std::optional<at::Tensor>& kv0, const std::optional<at::Tensor>& ksum0,
+                    const std::optional<at::Tensor>& d_kv, const std::optional<at::Tensor>& d_ksum,
+                    bool need_d_state0) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("based::linear_attention_bwd_sm90", "")
+                             .typed<decltype(backward_cuda)>();
+  return op.call(q, k, v, o, dout, den, kv0, ksum0, d_kv, d_ksum, need_d_state0);
+}
+
+std::optional<at::Tensor> if_defined(const at::Tensor& x) {
+  return x.defined() ? std::optional<at::Tensor>(x) : std::nullopt;
+}
+
+// The forward and backward kernels as one autograd node, in C++: at a few thousand tokens a training step's call
+// is bound by host time, and a Python autograd.Function costs more of it than the two kernels take on the GPU.
+// Gradients are not materialised: an unused output (the state, when not asked for) costs no zeros.
+struct LinearAttentionFunction : public torch::autograd::Function<LinearAttentionFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
+                                                const at::Tensor& k, const at::Tensor& v,
+                                                const std::optional<at::Tensor>& kv0,
+                                                const std::optional<at::Tensor>& ksum0, bool normalize, double eps,
+                                                bool return_state) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    ctx->set_materialize_grads(false);
+    // The normaliser is kept whenever there is one: the backward needs it, at 4 bytes per token-head.
+    auto [o, den, kv, ksum] = call_forward(q, k, v, kv0, ksum0, normalize, eps, normalize, return_state);
+    ctx->save_for_backward({q, k, v, o, normalize ? den : at::Tensor(), kv0.value_or(at::Tensor()),
+                            ksum0.value_or(at::Tensor())});
+    if (!return_state) ctx->mark_non_differentiable({kv, ksum});
+    return {o, kv, ksum};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &o = saved[3], &den = saved[4];
+    const at::Tensor &kv0 = saved[5], &ksum0 = saved[6];
+    at::Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(o);  // only the final state was used
+    at::Tensor d_kv = grads[1], d_ksum = grads[2];
+    if (d_kv.defined() != d_ksum.defined()) {  // one of the two final states was used: the other's gradient is 0
+      const auto f32 = q.options().dtype(at::kFloat);
+      if (!d_kv.defined()) d_kv = at::zeros({q.size(0), q.size(2), kPublicFeatures, v.size(3)}, f32);
+      if (!d_ksum.defined()) d_ksum = at::zeros({q.size(0), q.size(2), kPublicFeatures}, f32);
+    }
+    // Edges 3 and 4 exist only when the initial state was given.
+    const bool need_d_state0 = kv0.defined() && (ctx->needs_input_grad(3) || ctx->needs_input_grad(4));
+    auto [dq, dk, dv, d_kv0, d_ksum0] =
+        call_backward(q, k, v, o, dout, if_defined(den), if_defined(kv0), if_defined(ksum0), if_defined(d_kv),
+                      if_defined(d_ksum), need_d_state0);
+    if (!need_d_state0) d_kv0 = d_ksum0 = at::Tensor();
+    return {dq, dk, dv, d_kv0, d_ksum0, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& kv0,
+    const std::optional<at::Tensor>& ksum0, bool normalize, double eps, bool return_state) {
+  auto out = LinearAttentionFunction::apply(q, k, v, kv0, ksum0, normalize, eps, return_state);
+  return {out[0], out[1], out[2]};
+}
+
+// Below autograd (no gradient needed, and the Meta/fake path of torch.compile): the forward kernel alone.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_no_grad(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& kv0,
+    const std::optional<at::Tensor>& ksum0, bool normalize, double eps, bool return_state) {
+  auto [o, den, kv, ksum] = call_forward(q, k, v, kv0, ksum0, normalize, eps, false, return_state);
+  return {o, kv, ksum};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(based, m) {
+  // Causal Taylor linear attention, differentiable in q, k, v and the initial state: the output o and, when
+  // return_state, the final state (else both empty), in the public fp32 layout.
+  m.def("linear_attention_sm90(Tensor q, Tensor k, Tensor v, Tensor? kv0, Tensor? ksum0, bool normalize, "
+        "float eps, bool return_state) -> (Tensor, Tensor, Tensor)");
   m.def("linear_attention_fwd_sm90(Tensor q, Tensor k, Tensor v, Tensor? kv0, Tensor? ksum0, bool normalize, "
         "float eps, bool return_den, bool return_state) -> (Tensor, Tensor, Tensor, Tensor)");
   // Gradients of q, k, v (contiguous, the inputs' dtypes) and, when need_d_state0, of the initial state, from the
@@ -232,6 +318,10 @@ TORCH_LIBRARY_FRAGMENT(based, m) {
 TORCH_LIBRARY_IMPL(based, CUDA, m) {
   m.impl("linear_attention_fwd_sm90", &forward_cuda);
   m.impl("linear_attention_bwd_sm90", &backward_cuda);
+}
+TORCH_LIBRARY_IMPL(based, Autograd, m) { m.impl("linear_attention_sm90", &linear_attention_autograd); }
+TORCH_LIBRARY_IMPL(based, CompositeExplicitAutograd, m) {
+  m.impl("linear_attention_sm90", &linear_attention_no_grad);
 }
 TORCH_LIBRARY_IMPL(based, Meta, m) {
   m.impl("linear_attention_fwd_sm90", &forward_meta);

@@ -3,8 +3,9 @@
 `torch.ops.based.linear_attention_fwd_sm90` and `..._bwd_sm90` (kernels: kernels/sm90/linear_attention_{fwd,bwd}.cuh;
 host code and C++ checks: csrc/sm90/linear_attention.cpp) run the causal forward and its gradients on compute
 capability 9.0 for d = 16, dv in {64, 112, 128} and fp16/bf16 inputs, with the initial and final state in the
-public layout. They exist only when `based._C` was built with the CUTLASS headers. The backward reads the
-normaliser the forward saves.
+public layout; `torch.ops.based.linear_attention_sm90` is the two as one differentiable op, its autograd node in
+C++ (a training call at a few thousand tokens is bound by host time). They exist only when `based._C` was built
+with the CUTLASS headers. The backward reads the normaliser the forward saves.
 """
 from __future__ import annotations
 
@@ -58,32 +59,6 @@ def unsupported_reason(q: torch.Tensor, v: torch.Tensor, causal: bool) -> str | 
     return None
 
 
-class _LinearAttention(torch.autograd.Function):
-    """The two kernels as one differentiable function of (q, k, v, kv0, ksum0) -> (o, kv, ksum); the states are
-    empty unless return_state. A plain autograd.Function: its per-call host cost is a fraction of a
-    torch.library-registered autograd formula's, which is what bounds a call at a few thousand tokens."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, kv0, ksum0, normalize: bool, eps: float, return_state: bool):
-        # The normaliser is kept whenever there is one: the backward needs it, and it costs 4 bytes per token-head.
-        o, den, kv, ksum = torch.ops.based.linear_attention_fwd_sm90(q, k, v, kv0, ksum0, normalize, eps, normalize,
-                                                                     return_state)
-        ctx.save_for_backward(q, k, v, o, den if normalize else None, kv0, ksum0)
-        return o, kv, ksum
-
-    @staticmethod
-    def backward(ctx, do, d_kv, d_ksum):
-        q, k, v, o, den, kv0, ksum0 = ctx.saved_tensors
-        if d_kv.numel() == 0:  # no state was returned (a returned state that goes unused gets zeros)
-            d_kv = d_ksum = None
-        need_d_state0 = kv0 is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-        dq, dk, dv, d_kv0, d_ksum0 = torch.ops.based.linear_attention_bwd_sm90(q, k, v, o, do, den, kv0, ksum0,
-                                                                               d_kv, d_ksum, need_d_state0)
-        if not need_d_state0:
-            d_kv0 = d_ksum0 = None
-        return dq, dk, dv, d_kv0, d_ksum0, None, None, None
-
-
 def linear_attention_cuda(q, k, v, causal: bool, normalize: bool, eps: float,
                           initial_state: LinearAttentionState | None, return_state: bool):
     """Same contract as `reference.linear_attention_torch`, forward on the Hopper kernel (see the module
@@ -93,10 +68,13 @@ def linear_attention_cuda(q, k, v, causal: bool, normalize: bool, eps: float,
     reason = unsupported_reason(q, v, causal)
     if reason is not None:
         raise ValueError(f"linear_attention(backend='cuda'): {reason}")
+    return apply(q, k, v, normalize, eps, initial_state, return_state)
+
+
+def apply(q, k, v, normalize: bool, eps: float, initial_state: LinearAttentionState | None, return_state: bool):
+    """`linear_attention_cuda` for inputs `unsupported_reason` has accepted."""
     kv0 = ksum0 = None
     if initial_state is not None:
         kv0, ksum0 = initial_state.kv.float(), initial_state.ksum.float()
-    o, kv, ksum = _LinearAttention.apply(q, k, v, kv0, ksum0, normalize, eps, return_state)
-    if not return_state:
-        return o
-    return o, LinearAttentionState(kv, ksum)
+    o, kv, ksum = torch.ops.based.linear_attention_sm90.default(q, k, v, kv0, ksum0, normalize, eps, return_state)
+    return (o, LinearAttentionState(kv, ksum)) if return_state else o

@@ -1,6 +1,8 @@
 """Public entry points of Taylor linear attention: argument checks, then backend dispatch."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from based.ops._backend import auto_backend, cuda_extension_available, resolve_backend, triton_available
@@ -50,8 +52,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     check_nonnegative("eps", eps)
     if backend == "auto":
         if cuda_op.unsupported_reason(q, v, causal) is None:
-            backend = "cuda"
-        elif not _kernels_support(q):
+            return cuda_op.apply(q, k, v, normalize, eps, initial_state, return_state)
+        if not _kernels_support(q):
             backend = "torch"
     impl = resolve_backend("linear_attention", backend, q.device, _parallel_implementations(),
                            auto_order=("triton",))
@@ -63,6 +65,7 @@ def _kernels_support(q: torch.Tensor) -> bool:
     return q.dtype in KERNEL_DTYPES and q.shape[-1] <= 16
 
 
+@functools.cache
 def _parallel_implementations():
     impls = {"torch": linear_attention_torch}
     if cuda_op.KERNEL_BUILT:
@@ -136,10 +139,9 @@ def _check_qkv(q, k, v, *, seq_dim: bool) -> None:
     check_same_device(q=q, k=k, v=v)
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape, got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    dims = q.shape[:-1]
     what = "batch, seqlen and heads" if seq_dim else "batch and heads"
-    check_dims_match(f"{what} of q and v", q=tuple(dims), v=tuple(v.shape[:-1]))
-    if len({q.dtype, k.dtype, v.dtype}) > 1:
+    check_dims_match(f"{what} of q and v", q=q.shape[:-1], v=v.shape[:-1])
+    if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
