@@ -15,9 +15,9 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0
 
     `positions` may be any integer tensor on x's device, e.g. `start + arange(T)` with `start` a 0-dim
     device tensor, so a decode step can be captured in a CUDA graph and replayed at later positions.
-    backend: "auto" (one Triton launch on CUDA when no gradient is needed, else the reference), "torch" or
-    "triton" (forward and backward; "auto" takes it for training once measured on a GPU). Returns a new tensor
-    in x's dtype.
+    backend: "auto" (on CUDA one Triton launch each way, except for training under torch.compile, where inductor
+    fuses the reference into its neighbours as fast; else the reference), "torch" or "triton" (forward and
+    backward). Returns a new tensor in x's dtype.
     """
     check_tensor("x", x, ndim=4)
     check_tensor("positions", positions, ndim=1, dtypes=(torch.int32, torch.int64))
@@ -27,7 +27,7 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0
         raise ValueError(f"rotary embeddings need an even head dim, got x of shape {tuple(x.shape)}")
     if positions.shape[0] != x.shape[1]:
         raise ValueError(f"positions must have one entry per token of x {tuple(x.shape)}, got {tuple(positions.shape)}")
-    if backend == "auto" and (grad_needed(x) or x.dtype not in KERNEL_DTYPES):
+    if backend == "auto" and (x.dtype not in KERNEL_DTYPES or grad_needed(x) and torch.compiler.is_compiling()):
         backend = "torch"
     impl = resolve_backend("apply_rotary", backend, x.device, _implementations())
     return impl(x, positions, float(base))

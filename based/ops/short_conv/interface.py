@@ -26,8 +26,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         initial_state: optional `[B, D, K]`, the last K inputs before `x`, oldest first (only the newest
             K - 1 enter the output; the state keeps K so a decode step can shift-then-dot).
         return_state: also return the state after `x`.
-        backend: "auto" (the reference for now), "torch" or "triton" (forward and backward kernels in the
-            `[B, T, D]` layout, fp16/bf16/fp32).
+        backend: "auto" (the Triton kernels on CUDA for fp16/bf16/fp32 inputs, else the reference), "torch" or
+            "triton" (forward and backward kernels in the `[B, T, D]` layout).
 
     Returns:
         `y` `[B, T, D]` in x's dtype, computed in fp32 (fp64 for fp64 inputs); with `return_state` also
@@ -40,8 +40,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         _check_state("initial_state", initial_state, x, weight)
     check_same_device(x=x, weight=weight, bias=bias, initial_state=initial_state)
     check_bool("return_state", return_state)
-    if backend == "auto":
-        backend = "torch"  # the Triton kernels are tested, but not yet measured against the reference on a GPU
+    if backend == "auto" and x.dtype not in KERNEL_DTYPES:
+        backend = "torch"
     impl = resolve_backend("causal_conv1d", backend, x.device, _conv_implementations())
     return impl(x, weight, bias, initial_state, return_state)
 
@@ -54,7 +54,7 @@ def gated_conv1d(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, bias
         x: `[B, T, D]` (BaseConv's `u1`), any T >= 1. fp16, bf16, fp32 (fp64 on the torch backend).
         gate: `[B, T, D]` (BaseConv's `u2`), x's dtype; x and gate may be the two halves of one projection.
         weight, bias, initial_state, return_state: as `causal_conv1d`.
-        backend: "auto" (the reference for now), "torch" (rounds the conv output to x's dtype before silu and
+        backend: "auto" (as `causal_conv1d`), "torch" (rounds the conv output to x's dtype before silu and
             the gate, as BaseConv's unfused forward does) or "triton" (conv, silu and gate in one pass, forward
             and backward kernels, in fp32 until the single rounding of each output).
 
@@ -73,8 +73,8 @@ def gated_conv1d(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, bias
         _check_state("initial_state", initial_state, x, weight)
     check_same_device(x=x, gate=gate, weight=weight, bias=bias, initial_state=initial_state)
     check_bool("return_state", return_state)
-    if backend == "auto":
-        backend = "torch"  # the Triton kernels are tested, but not yet measured against the reference on a GPU
+    if backend == "auto" and x.dtype not in KERNEL_DTYPES:
+        backend = "torch"
     impl = resolve_backend("gated_conv1d", backend, x.device, _conv_implementations(gated=True))
     return impl(x, gate, weight, bias, initial_state, return_state)
 
