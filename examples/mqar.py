@@ -22,7 +22,7 @@ Training: AdamW (weight decay 0.1), cosine schedule, batch 256, the best of the 
 configuration, up to the epoch budget with an early stop once validation accuracy passes 0.99; fp32 weights, bf16
 autocast on a GPU. The reduced sweep: five configurations, learning rates 1e-3 and 3.2e-3, 16 epochs of the
 papers' data. Each (configuration, learning rate) runs as its own job, `--workers` of them at once on the one
-device. Output: a table (model, config, state bytes, best lr, accuracy per test slice, mean), `--out` JSON and
+device, a line and a progress bar (tqdm, when installed) as each finishes. Output: a table (model, config, state bytes, best lr, accuracy per test slice, mean), `--out` JSON and
 `--plot` PNG of mean accuracy against state bytes (log x), one line per model family.
 """
 from __future__ import annotations
@@ -197,6 +197,24 @@ def run_job(job) -> dict:
     return {"spec": spec, "lr": lr, "val": val, "test": test, "seconds": time.perf_counter() - started}
 
 
+def with_progress(results, total: int):
+    """The finished jobs as they come, each announced in a line, under a progress bar when tqdm is installed."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    bar = tqdm(total=total, desc="jobs", unit="job") if tqdm else None
+    write = bar.write if bar else print
+    for result in results:
+        write(f"done: {result['spec'].name} lr {result['lr']:g}: validation {result['val']:.3f} "
+              f"({result['seconds']:.0f} s)")
+        if bar:
+            bar.update()
+        yield result
+    if bar:
+        bar.close()
+
+
 def sweep_specs(full: bool, smoke: bool) -> list[ModelSpec]:
     if smoke:
         return [ModelSpec("based", 16, feature_dim=4), ModelSpec("sliding window", 16, window=4)]
@@ -245,9 +263,9 @@ def main(argv=None) -> int:
     jobs = [(spec, lr, train_sets, test_sets, args) for spec in specs for lr in lrs]
     if args.workers > 1:
         with torch.multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-            results = list(pool.imap(run_job, jobs))
+            results = list(with_progress(pool.imap_unordered(run_job, jobs), len(jobs)))
     else:
-        results = [run_job(job) for job in jobs]
+        results = list(with_progress(map(run_job, jobs), len(jobs)))
     rows = []
     for spec in specs:
         best = max((r for r in results if r["spec"] == spec), key=lambda r: r["val"])
