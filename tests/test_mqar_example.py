@@ -40,6 +40,24 @@ def test_state_bytes_follow_the_papers_formula():
     assert mqar.ModelSpec("attention", 64).state_bytes() == 4 * (3 * 64 + 2 * 64 * 1024)
 
 
+def test_published_points_sit_at_the_papers_state_sizes():
+    """The paper's plot gives each point's state in KB: our formula puts each configuration within 1 KB of it."""
+    kb = {mqar.ModelSpec("sliding window", 128, window=64): 67, mqar.ModelSpec("based", 64, 16): 41,
+          mqar.ModelSpec("based", 128, 16): 80, mqar.ModelSpec("attention", 64): 525}
+    for spec, expected in kb.items():
+        assert spec in mqar.PUBLISHED and abs(spec.state_bytes() / 1000 - expected) < 1, spec
+
+
+def test_based_is_compared_with_windows_of_comparable_state():
+    rows = [{"model": spec.family, "config": spec.name, "state_bytes": spec.state_bytes(), "mean": mean}
+            for spec, mean in [(mqar.ModelSpec("based", 128, 16), 0.9),
+                               (mqar.ModelSpec("sliding window", 128, window=64), 0.5),
+                               (mqar.ModelSpec("sliding window", 128, window=1024), 1.0)]]
+    # 80 KB against 67 KB is within 2x; against 1.05 MB it is not.
+    assert mqar.based_against_window(rows) == [
+        "based d=128, f=16 (80,484 B) - sliding window d=128, w=64 (67,072 B): +0.400"]
+
+
 def test_smoke_sweep_runs_its_jobs_in_two_processes(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     out = tmp_path / "mqar.json"
@@ -49,4 +67,4 @@ def test_smoke_sweep_runs_its_jobs_in_two_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
     assert [r["model"] for r in rows] == ["based", "sliding window"]
-    assert all(0.0 <= r["mean"] <= 1.0 and r["state_bytes"] > 0 for r in rows)
+    assert all(0.0 <= r["mean"] <= 1.0 and r["state_bytes"] > 0 and r["published"] == "" for r in rows)
