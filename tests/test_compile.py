@@ -13,6 +13,10 @@ VOCAB = 512
 MODELS = {
     "based": (BasedLM, BasedConfig(d_model=128, n_layers=4, n_heads=4, vocab_size=VOCAB, feature_dim=16,
                                    linear_attention_layers=(1,), sliding_window_layers=(2,), window=17)),
+    # Head dim 64: on a Hopper GPU the linear-attention layer runs the CUDA op (its C++ autograd node), elsewhere
+    # Triton (the entry above has head dim 32, which only Triton takes).
+    "based-dv64": (BasedLM, BasedConfig(d_model=256, n_layers=3, n_heads=4, vocab_size=VOCAB, feature_dim=16,
+                                        linear_attention_layers=(1,), sliding_window_layers=(2,), window=17)),
     "transformer": (Transformer, TransformerConfig(d_model=128, n_layers=3, n_heads=4, vocab_size=VOCAB)),
 }
 
