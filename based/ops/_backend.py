@@ -34,6 +34,13 @@ def grad_needed(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def compiled_training(*tensors: torch.Tensor | None) -> bool:
+    """Whether torch.compile is tracing an op that needs gradients of `tensors`: there inductor fuses an
+    elementwise op's reference, forward and backward, with its neighbours, and "auto" leaves it the reference
+    where that beats the op's kernels (benchmarks/train_kernels.py)."""
+    return torch.compiler.is_compiling() and grad_needed(*tensors)
+
+
 def decode_launch(device: torch.device, programs: int, few: tuple[int, int], many: tuple[int, int],
                   interpreted_block: int) -> tuple[int, dict]:
     """(block size, launch options) of a decode kernel with `programs` programs: `few` (block, warps) when they

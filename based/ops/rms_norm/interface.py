@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from based.ops._backend import grad_needed, resolve_backend, triton_available
+from based.ops._backend import compiled_training, resolve_backend, triton_available
 from based.ops._validate import KERNEL_DTYPES, check_nonnegative, check_same_device, check_shape, check_tensor
 from based.ops.rms_norm.reference import rms_norm_torch
 
@@ -40,10 +40,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *, residu
 
 
 def _kernel_supports(x, weight, residual) -> bool:
-    if grad_needed(x, weight, residual) and torch.compiler.is_compiling():
-        return False  # inductor's fused reference beats the kernels here (benchmarks/train_kernels.py)
-    return (x.dtype in KERNEL_DTYPES and weight.dtype in KERNEL_DTYPES
-            and (residual is None or residual.dtype == torch.float32) and x.shape[-1] <= 65536)
+    return (not compiled_training(x, weight, residual) and x.dtype in KERNEL_DTYPES
+            and weight.dtype in KERNEL_DTYPES and (residual is None or residual.dtype == torch.float32)
+            and x.shape[-1] <= 65536)
 
 
 def _implementations():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from based.ops._backend import grad_needed, resolve_backend, triton_available
+from based.ops._backend import compiled_training, resolve_backend, triton_available
 from based.ops._validate import KERNEL_DTYPES, check_same_device, check_tensor
 from based.ops.rotary.reference import apply_rotary_torch
 
@@ -27,7 +27,7 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0
         raise ValueError(f"rotary embeddings need an even head dim, got x of shape {tuple(x.shape)}")
     if positions.shape[0] != x.shape[1]:
         raise ValueError(f"positions must have one entry per token of x {tuple(x.shape)}, got {tuple(positions.shape)}")
-    if backend == "auto" and (x.dtype not in KERNEL_DTYPES or grad_needed(x) and torch.compiler.is_compiling()):
+    if backend == "auto" and (x.dtype not in KERNEL_DTYPES or compiled_training(x)):
         backend = "torch"
     impl = resolve_backend("apply_rotary", backend, x.device, _implementations())
     return impl(x, positions, float(base))
