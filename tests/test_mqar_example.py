@@ -48,6 +48,20 @@ def test_published_points_sit_at_the_papers_state_sizes():
         assert spec in mqar.PUBLISHED and abs(spec.state_bytes() / 1000 - expected) < 1, spec
 
 
+def test_the_head_at_the_labelled_positions_gives_the_full_loss():
+    """Training and scoring run the LM head only where MQAR has labels; that is the same loss as the head over
+    every token with the unlabelled positions ignored."""
+    torch.manual_seed(0)
+    x, y = mqar.mqar(6, 32, 4, torch.Generator().manual_seed(2))
+    model = mqar.RecallModel(mqar.ModelSpec("based", 16, feature_dim=4)).double()
+    where = (y != -100).nonzero(as_tuple=True)
+    full = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+    torch.testing.assert_close(torch.nn.functional.cross_entropy(model(x, where), y[where]), full)
+    hits = (model(x).argmax(-1) == y) & (y != -100)
+    expected = float((hits.sum(1) / (y != -100).sum(1)).mean())
+    assert mqar.accuracy(model, x, y, batch_size=4) == expected
+
+
 def test_based_is_compared_with_windows_of_comparable_state():
     rows = [{"model": spec.family, "config": spec.name, "state_bytes": spec.state_bytes(), "mean": mean}
             for spec, mean in [(mqar.ModelSpec("based", 128, 16), 0.9),
