@@ -34,14 +34,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         the new state `[B, D, K]` in fp32 (fp64): the last K inputs, oldest first, including
         `initial_state`'s when T < K. Differentiable in x, weight, bias and initial_state.
     """
-    check_tensor("x", x, ndim=3)
-    _check_weight(weight, bias, x)
-    if initial_state is not None:
-        _check_state("initial_state", initial_state, x, weight)
-    check_same_device(x=x, weight=weight, bias=bias, initial_state=initial_state)
-    check_bool("return_state", return_state)
-    if backend == "auto" and x.dtype not in KERNEL_DTYPES:
-        backend = "torch"
+    backend = _check_conv(x, None, weight, bias, initial_state, return_state, backend)
     impl = resolve_backend("causal_conv1d", backend, x.device, _conv_implementations())
     return impl(x, weight, bias, initial_state, return_state)
 
@@ -62,21 +55,31 @@ def gated_conv1d(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, bias
         `silu(y) * gate` `[B, T, D]` in x's dtype; with `return_state` also the new state, as `causal_conv1d`.
         Differentiable in x, gate, weight, bias and initial_state.
     """
+    backend = _check_conv(x, gate, weight, bias, initial_state, return_state, backend)
+    impl = resolve_backend("gated_conv1d", backend, x.device, _conv_implementations(gated=True))
+    return impl(x, gate, weight, bias, initial_state, return_state)
+
+
+def _check_conv(x, gate, weight, bias, initial_state, return_state, backend: str) -> str:
+    """The checks of `causal_conv1d` and `gated_conv1d` (gate None for the first); the backend with "auto"
+    narrowed to "torch" for dtypes no kernel takes."""
     check_tensor("x", x, ndim=3)
-    check_tensor("gate", gate, ndim=3)
-    if gate.shape != x.shape:
-        raise ValueError(f"gate must have x's shape {tuple(x.shape)}, got {tuple(gate.shape)}")
-    if gate.dtype != x.dtype:
-        raise TypeError(f"gate must have x's dtype {x.dtype}, got {gate.dtype}")
+    if gate is not None:
+        _check_gate(gate, x)
     _check_weight(weight, bias, x)
     if initial_state is not None:
         _check_state("initial_state", initial_state, x, weight)
     check_same_device(x=x, gate=gate, weight=weight, bias=bias, initial_state=initial_state)
     check_bool("return_state", return_state)
-    if backend == "auto" and x.dtype not in KERNEL_DTYPES:
-        backend = "torch"
-    impl = resolve_backend("gated_conv1d", backend, x.device, _conv_implementations(gated=True))
-    return impl(x, gate, weight, bias, initial_state, return_state)
+    return "torch" if backend == "auto" and x.dtype not in KERNEL_DTYPES else backend
+
+
+def _check_gate(gate, x) -> None:
+    check_tensor("gate", gate, ndim=x.ndim)
+    if gate.shape != x.shape:
+        raise ValueError(f"gate must have x's shape {tuple(x.shape)}, got {tuple(gate.shape)}")
+    if gate.dtype != x.dtype:
+        raise TypeError(f"gate must have x's dtype {x.dtype}, got {gate.dtype}")
 
 
 def _conv_implementations(gated: bool = False):
@@ -132,12 +135,8 @@ def gated_conv1d_step(x: torch.Tensor, gate: torch.Tensor, conv_state: torch.Ten
         `silu(y) * gate` `[B, D]` in x's dtype.
     """
     _check_step(x, conv_state, weight, bias)
-    check_tensor("gate", gate, ndim=2)
+    _check_gate(gate, x)
     check_same_device(x=x, gate=gate)
-    if gate.shape != x.shape:
-        raise ValueError(f"gate must have x's shape {tuple(x.shape)}, got {tuple(gate.shape)}")
-    if gate.dtype != x.dtype:
-        raise TypeError(f"gate must have x's dtype {x.dtype}, got {gate.dtype}")
     impl = resolve_backend("gated_conv1d_step", _auto_step_backend(backend, x, gate, conv_state, weight, bias),
                            x.device, _step_implementations(gated=True))
     return impl(x, gate, conv_state, weight, bias)
