@@ -135,20 +135,27 @@ def _state_args(state: Optional[Tensor], x: Tensor) -> tuple[Tensor, tuple[int, 
     return (x, (0, 0, 0)) if state is None else (state, tuple(state.stride()))
 
 
-def _conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], state: Optional[Tensor],
-              gate: Optional[Tensor]) -> Tensor:
+def _conv_launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], state: Optional[Tensor]):
+    """What the forward and the gate backward launch with, x already unit-stride: (grid, the state's pointer and
+    strides, the bias pointer, the constexprs)."""
     B, T, D = x.shape
-    K = weight.shape[1]
-    x = unit_stride(x)
-    y = torch.empty(B, T, D, device=x.device, dtype=x.dtype)
+    BT, BD = _blocks(x.device)
     state_arg, state_strides = _state_args(state, x)
     bias_arg = x if bias is None else unit_stride(bias)
+    meta = dict(K=weight.shape[1], BT=BT, BD=BD, HAS_STATE=state is not None, HAS_BIAS=bias is not None)
+    return (triton.cdiv(T, BT), triton.cdiv(D, BD), B), state_arg, state_strides, bias_arg, meta
+
+
+def _conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], state: Optional[Tensor],
+              gate: Optional[Tensor]) -> Tensor:
+    x = unit_stride(x)
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     gate_arg = x if gate is None else unit_stride(gate)  # never read without a gate
-    BT, BD = _blocks(x.device)
-    _conv_fwd_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B)](
-        x, state_arg, weight, bias_arg, gate_arg, y, T, D, x.stride(0), x.stride(1), *state_strides,
-        *weight.stride(), gate_arg.stride(0), gate_arg.stride(1), y.stride(0), y.stride(1),
-        K=K, BT=BT, BD=BD, HAS_STATE=state is not None, HAS_BIAS=bias is not None, HAS_GATE=gate is not None)
+    grid, state_arg, state_strides, bias_arg, meta = _conv_launch(x, weight, bias, state)
+    _conv_fwd_kernel[grid](
+        x, state_arg, weight, bias_arg, gate_arg, y, x.shape[1], x.shape[2], x.stride(0), x.stride(1),
+        *state_strides, *weight.stride(), gate_arg.stride(0), gate_arg.stride(1), y.stride(0), y.stride(1),
+        HAS_GATE=gate is not None, **meta)
     return y
 
 
@@ -178,17 +185,12 @@ def _(x, gate, weight, bias, state):
 def _gate_bwd_op(x: Tensor, gate: Tensor, weight: Tensor, bias: Optional[Tensor], state: Optional[Tensor],
                  dy: Tensor) -> tuple[Tensor, Tensor]:
     """(d of the conv output, d gate), both `[B, T, D]` contiguous in x's dtype."""
-    B, T, D = x.shape
-    K = weight.shape[1]
     x, gate, dy = unit_stride(x), unit_stride(gate), unit_stride(dy)
-    dc, dgate = (torch.empty(B, T, D, device=x.device, dtype=x.dtype) for _ in range(2))
-    state_arg, state_strides = _state_args(state, x)
-    bias_arg = x if bias is None else unit_stride(bias)
-    BT, BD = _blocks(x.device)
-    _gate_bwd_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B)](
-        x, state_arg, weight, bias_arg, gate, dy, dc, dgate, T, D, x.stride(0), x.stride(1), *state_strides,
-        *weight.stride(), gate.stride(0), gate.stride(1), dy.stride(0), dy.stride(1),
-        K=K, BT=BT, BD=BD, HAS_STATE=state is not None, HAS_BIAS=bias is not None)
+    dc, dgate = (torch.empty(x.shape, device=x.device, dtype=x.dtype) for _ in range(2))
+    grid, state_arg, state_strides, bias_arg, meta = _conv_launch(x, weight, bias, state)
+    _gate_bwd_kernel[grid](
+        x, state_arg, weight, bias_arg, gate, dy, dc, dgate, x.shape[1], x.shape[2], x.stride(0), x.stride(1),
+        *state_strides, *weight.stride(), gate.stride(0), gate.stride(1), dy.stride(0), dy.stride(1), **meta)
     return dc, dgate
 
 
