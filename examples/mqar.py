@@ -177,9 +177,9 @@ def train_one(spec: ModelSpec, lr: float, train_sets, val_sets, args, device) ->
     # Each batch with its labelled positions (indices found once here, not in every step) and their labels.
     batches = []
     for x, y in train_sets:
-        for i in range(0, len(x), args.batch_size):
-            where = (y[i:i + args.batch_size] != -100).nonzero(as_tuple=True)
-            batches.append((x[i:i + args.batch_size], where, y[i:i + args.batch_size][where]))
+        for xb, yb in zip(x.split(args.batch_size), y.split(args.batch_size)):
+            where = (yb != -100).nonzero(as_tuple=True)
+            batches.append((xb, where, yb[where]))
     total = args.epochs * len(batches)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
