@@ -98,3 +98,13 @@ def test_gpu_matches_reference_loss_and_gradients(dtype):
     assert abs(loss.item() - ref.item()) < TOLERANCE[dtype] * abs(ref.item())
     assert_close(x.grad, xd.grad, dtype, "dx")
     assert_close(w.grad, wd.grad, dtype, "dw")
+
+
+def test_autocast_takes_the_head_product_in_its_dtype():
+    """Under torch.autocast the fp32 x and weight are cast to its dtype first, as the model's `nn.Linear` head is."""
+    x, w, y = inputs(torch.Generator().manual_seed(0), dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(x, w, y)
+    ref = F.cross_entropy((x.bfloat16() @ w.bfloat16().T).float(), y)
+    assert loss.dtype == torch.float32
+    assert_close(loss, ref.double(), torch.bfloat16)

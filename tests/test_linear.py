@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -220,3 +221,22 @@ def test_gpu_chained_kernels_read_what_the_previous_kernel_wrote():
         assert_close(h1, formula(x, w1, None, None, True), dtype)
         assert_close(h2, formula(h1, w2, None, None, False), dtype)
         assert_close(out, formula(h2, w3, None, residual, False), dtype)
+
+
+@pytest.mark.parametrize("with_norm, with_residual", [(False, False), (True, True)])
+def test_autocast_casts_as_f_linear_does(with_norm, with_residual):
+    """Under torch.autocast the fp32 weights (and x, without a norm) enter the product in the autocast dtype, so
+    modules built on `linear` run there as `nn.Linear` does; with a residual the result keeps its fp32."""
+    gen = torch.Generator().manual_seed(0)
+    x, weight, bias = torch.randn(3, 5, 16, generator=gen), torch.randn(24, 16, generator=gen), torch.randn(24, generator=gen)
+    norm = dict(norm_weight=1 + torch.rand(16, generator=gen)) if with_norm else {}
+    residual = torch.randn(3, 5, 24, generator=gen) if with_residual else None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear(x, weight, bias, residual=residual, **norm)
+        first, = stacked_linear(x, [weight], **norm)
+    normed = linear(x, torch.eye(16), **norm) if with_norm else x  # the fp32 norm alone (or x)
+    ref = F.linear(normed.bfloat16(), weight.bfloat16(), bias.bfloat16())
+    assert out.dtype == (torch.float32 if with_residual else torch.bfloat16)
+    assert_close(out, ref.double() + (0 if residual is None else residual.double()), torch.bfloat16)
+    assert first.dtype == torch.bfloat16
+    assert_close(first, ref - bias.bfloat16(), torch.bfloat16)

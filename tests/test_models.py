@@ -377,3 +377,34 @@ def test_labels_are_checked():
         model(ids, model.new_cache(2, 8), labels=ids)
     with pytest.raises(ValueError, match="labels must lie in"):
         model(ids, labels=ids + 1000)
+
+
+def check_autocast_training(kind: str, device: str, T: int) -> None:
+    """An fp32 model trained under bf16 autocast (the one-device path of examples/train.py): loss and every
+    gradient agree with the fp64 computation to bf16's tolerance."""
+    model = tiny_model(kind).train().to(device)
+    ids = torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(2)).to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = model(ids, labels=ids)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model = model.double()
+    model.zero_grad()
+    ref = model(ids, labels=ids)
+    ref.backward()
+    assert loss.dtype == torch.float32
+    assert_close(loss, ref, torch.bfloat16, "loss")
+    for name, p in model.named_parameters():
+        assert grads[name].dtype == torch.float32
+        assert_close(grads[name], p.grad, torch.bfloat16, name)
+
+
+@pytest.mark.parametrize("kind", TINY)
+def test_training_under_autocast(kind):
+    check_autocast_training(kind, "cpu", 19)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", TINY)
+def test_gpu_training_under_autocast(kind):
+    check_autocast_training(kind, "cuda", 300)

@@ -20,7 +20,8 @@ TINY = ["--model", "based-360m", "--override", "d_model=64", "n_layers=3", "n_he
 
 
 def train(tmp_path: Path, *args: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
+    # CPU and gloo even where GPUs exist: two processes must not need two GPUs.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "examples" / "train.py"), "--data", str(tmp_path / "corpus.txt"), *TINY, *args]

@@ -34,6 +34,16 @@ def grad_needed(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def autocast_cast(device: torch.device, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """`tensors` as a matrix product sees them under `torch.autocast` on `device`: floating tensors in the
+    autocast dtype, everything else (None, integers, a tensor outside autocast) unchanged. The ops whose core is a
+    matrix product call it first, so that modules built on them run under autocast as `nn.Linear` does."""
+    if not torch.is_autocast_enabled(device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
 def compiled_training(*tensors: torch.Tensor | None) -> bool:
     """Whether torch.compile is tracing an op that needs gradients of `tensors`: there inductor fuses an
     elementwise op's reference, forward and backward, with its neighbours, and "auto" leaves it the reference

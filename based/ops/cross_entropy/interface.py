@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from based.ops._backend import autocast_cast
 from based.ops._validate import check_positive_int, check_same_device, check_shape, check_tensor
 from based.ops.cross_entropy.chunked import linear_cross_entropy_chunked
 from based.ops.cross_entropy.reference import linear_cross_entropy_torch
@@ -18,7 +19,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Te
 
     Args:
         x: `[N, d]` (an LM head's inputs); fp16, bf16, fp32 (fp64 on the torch backend).
-        weight: `[V, d]` in x's dtype (the LM head's weight).
+        weight: `[V, d]` in x's dtype (the LM head's weight). Under `torch.autocast` both are cast to its dtype
+            first.
         labels: `[N]` int64, each in `[0, V)` or `ignore_index`.
         chunk_size: tokens per chunk of logits on the "auto" path (default: 2**25 logits' worth).
         backend: "auto" (chunks of tokens: at most one chunk of fp32 logits exists, and the gradients are formed
@@ -30,6 +32,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     """
     if backend not in _IMPLEMENTATIONS:
         raise ValueError(f"backend must be one of {tuple(_IMPLEMENTATIONS)}, got {backend!r}")
+    if isinstance(x, torch.Tensor):  # the LM head's matrix product in the autocast dtype, as `nn.Linear` has it
+        x, weight = autocast_cast(x.device, x, weight)
     check_tensor("x", x, ndim=2)
     check_tensor("weight", weight, ndim=2)
     check_shape("weight", weight, (weight.shape[0], x.shape[1]))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from based.ops._backend import grad_needed, resolve_backend, triton_available
+from based.ops._backend import autocast_cast, grad_needed, resolve_backend, triton_available
 from based.ops._validate import KERNEL_DTYPES, check_same_device, check_shape, check_tensor
 from based.ops.linear.reference import linear_torch, stacked_linear_torch
 
@@ -35,6 +35,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             step has, when no gradient is needed; else the reference, cuBLAS plus elementwise ops),
             "torch" or "triton" (one row only, inference only: its output carries no gradient).
 
+    Under `torch.autocast`, weight, bias, norm_weight and (without a norm) x are cast to the autocast dtype
+    first, as `F.linear` would.
+
     Returns:
         `[..., out_features]` in the weight's dtype, or in the promoted dtype of weight and residual with a
         residual. The Triton kernel accumulates in fp32 and applies bias, gate and residual before
@@ -44,6 +47,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     (programmatic dependent launch) and reads its weight tiles before that kernel ends: a weight written
     earlier in the same graph would be read stale. Write weights between replays.
     """
+    if isinstance(x, torch.Tensor):
+        # With a norm, x is the residual stream and keeps its dtype: the norm runs in fp32 and rounds its output
+        # to the weight's dtype, as autocast's fp32 norm followed by a bf16 matrix product would.
+        weight, bias, norm_weight = autocast_cast(x.device, weight, bias, norm_weight)
+        x, = (x,) if norm_weight is not None else autocast_cast(x.device, x)
     check_linear_input(x, weight, norm_weight, norm_eps)
     if not isinstance(gated, bool):
         raise TypeError(f"gated must be a bool, got {type(gated).__name__}")
@@ -80,6 +88,9 @@ def stacked_linear(x: torch.Tensor, weights, *, norm_weight: torch.Tensor | None
     """
     if not isinstance(weights, (list, tuple)) or not 1 <= len(weights) <= 3:
         raise TypeError(f"weights must be a list or tuple of one to three matrices, got {weights!r:.80}")
+    if isinstance(x, torch.Tensor):  # autocast as in `linear`
+        *weights, norm_weight = autocast_cast(x.device, *weights, norm_weight)
+        x, = (x,) if norm_weight is not None else autocast_cast(x.device, x)
     for weight in weights:
         check_linear_input(x, weight, norm_weight, norm_eps)
         if weight.dtype != weights[0].dtype:
