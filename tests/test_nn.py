@@ -24,6 +24,8 @@ LAYERS = {
     "sliding_window_1": lambda: SlidingWindowAttention(D_MODEL, num_heads=HEADS, window=1),
     "sliding_window_5": lambda: SlidingWindowAttention(D_MODEL, num_heads=HEADS, window=5),
     "sliding_window_longer_than_seq": lambda: SlidingWindowAttention(D_MODEL, num_heads=HEADS, window=64),
+    "sliding_window_without_rotary": lambda: SlidingWindowAttention(D_MODEL, num_heads=HEADS, window=5,
+                                                                    rotary_base=None),
     "base_conv": lambda: BaseConv(D_MODEL, expand_proj=4, kernel_size=3),
     "block_with_linear_attention": lambda: Block(D_MODEL, LinearAttention(D_MODEL, num_heads=HEADS, feature_dim=8),
                                                  GatedMlp(D_MODEL, 2 * D_MODEL)),
@@ -105,14 +107,17 @@ def rotary_by_complex_numbers(x, base=10000.0):
     return torch.cat([z.real, z.imag], dim=-1)
 
 
-@pytest.mark.parametrize("window", [1, 4, 100])
+@pytest.mark.parametrize("window, rotary_base", [(1, 10000.0), (4, 10000.0), (100, 10000.0), (4, None), (100, None)])
 @torch.no_grad()
-def test_sliding_window_formula(window):
+def test_sliding_window_formula(window, rotary_base):
+    """With `rotary_base=None` q and k are not rotated: attention without positions."""
     torch.manual_seed(2)
-    layer = randomized(SlidingWindowAttention(D_MODEL, num_heads=HEADS, window=window), torch.float64)
+    layer = SlidingWindowAttention(D_MODEL, num_heads=HEADS, window=window, rotary_base=rotary_base)
+    layer = randomized(layer, torch.float64)
     x = torch.randn(BATCH, SEQLEN, D_MODEL, dtype=torch.float64)
     q, k, v = (x @ layer.Wqkv.weight.T).view(BATCH, SEQLEN, 3, HEADS, -1).unbind(2)
-    q, k = rotary_by_complex_numbers(q), rotary_by_complex_numbers(k)
+    if rotary_base is not None:
+        q, k = rotary_by_complex_numbers(q), rotary_by_complex_numbers(k)
     scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(q.shape[-1])
     i, j = torch.arange(SEQLEN)[:, None], torch.arange(SEQLEN)[None, :]
     scores = scores.masked_fill(~((j <= i) & (j > i - window)), float("-inf"))
@@ -273,5 +278,8 @@ def test_bad_constructor_arguments():
         LinearAttention(60, num_heads=8)
     with pytest.raises(ValueError, match="window"):
         SlidingWindowAttention(D_MODEL, num_heads=HEADS, window=0)
+    for base in (0.5, "10000", True):
+        with pytest.raises(ValueError, match="rotary_base"):
+            SlidingWindowAttention(D_MODEL, num_heads=HEADS, rotary_base=base)
     with pytest.raises(ValueError, match="even head dim"):
         apply_rotary(torch.randn(1, 2, 1, 5), torch.arange(2))

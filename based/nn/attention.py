@@ -17,7 +17,8 @@ from based.nn.rotary import rotated_qkv
 
 class RotaryAttention(nn.Module):
     """Multi-head attention with RoPE on the full head dim (non-interleaved), softmax scale `1/sqrt(head_dim)`,
-    no biases. Parameters: `Wqkv` `[3*d_model, d_model]` (rows: q | k | v) and `out_proj` `[d_model, d_model]`,
+    no biases. `rotary_base=None` leaves q and k unrotated: attention without positions, which then come only from
+    the layers around it (the Zoology / BASED papers' recall models, whose convolutions supply them). Parameters: `Wqkv` `[3*d_model, d_model]` (rows: q | k | v) and `out_proj` `[d_model, d_model]`,
     the released names. A mixer in the sense of `based.nn.mixer`.
 
     A subclass sets `cache_type` (a NamedTuple whose last two fields are `position`, the 0-dim int64 device
@@ -28,10 +29,14 @@ class RotaryAttention(nn.Module):
 
     cache_type: type[NamedTuple]
 
-    def __init__(self, d_model: int, *, num_heads: int, rotary_base: float = 10000.0, device=None, dtype=None):
+    def __init__(self, d_model: int, *, num_heads: int, rotary_base: float | None = 10000.0, device=None,
+                 dtype=None):
         super().__init__()
         if d_model % num_heads:
             raise ValueError(f"d_model ({d_model}) must be a multiple of num_heads ({num_heads})")
+        if rotary_base is not None and (isinstance(rotary_base, bool) or not isinstance(rotary_base, (int, float))
+                                        or not rotary_base > 1):
+            raise ValueError(f"rotary_base must be a number > 1 or None, got {rotary_base!r}")
         self.d_model, self.num_heads, self.rotary_base = d_model, num_heads, rotary_base
         self.head_dim = d_model // num_heads
         self.Wqkv = nn.Linear(d_model, 3 * d_model, bias=False, device=device, dtype=dtype)

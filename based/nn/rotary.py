@@ -17,11 +17,14 @@ def token_positions(seqlen: int, start: torch.Tensor | None, device) -> torch.Te
 
 
 def rotated_qkv(qkv: torch.Tensor, num_heads: int, start: torch.Tensor | None,
-                base: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                base: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v `[B, T, H, D]` from a fused projection `[B, T, 3 * H * D]` (q, k, v in that order), q and k
-    rotated to the tokens' positions (`token_positions(T, start)`) by one `apply_rotary` over both."""
+    rotated to the tokens' positions (`token_positions(T, start)`) by one `apply_rotary` over both; with `base`
+    None, not rotated."""
     B, T, _ = qkv.shape
     qkv = qkv.view(B, T, 3, num_heads, -1)
+    if base is None:
+        return qkv.unbind(2)
     # q and k sit next to each other, so [B, T, 2, H, D] -> [B, T, 2H, D] is a view: one launch rotates both.
     qk = apply_rotary(qkv[:, :, :2].flatten(2, 3), token_positions(T, start, qkv.device), base)
     q, k = qk.unflatten(2, (2, num_heads)).unbind(2)
