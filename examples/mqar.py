@@ -11,21 +11,22 @@ a * i^(a - 1), a = 0.01: queries cluster early), and the model must emit its val
 carry a label; every other position holds a uniformly random token. Accuracy is per example over its labelled
 positions, then averaged.
 
-Models (two layers, pre-norm residual, no MLP, LM head tied to the embedding, no positional encoding): a
-BaseConv (kernel 3) then the mixer: Based's Taylor linear attention (1 head, feature dim f), full softmax
-attention (a sliding window as long as the longest test sequence), or sliding-window attention of window w; plus the two ablations the paper discusses: linear attention
-without the conv, and Based + a sliding-window layer (three layers). State bytes (fp32) at the longest test
-length L = 1024, summed over layers: Based d*E + E (E = 1 + f + f(f+1)/2); attention 2*d*L; window 2*d*w;
-conv 3*d.
+Models (two layers, pre-norm residual, no MLP, LM head tied to the embedding, no positional encoding): a BaseConv
+(kernel 3) then the mixer: Based's Taylor linear attention (1 head, feature dim f), full softmax attention (a
+sliding window as long as the longest test sequence), or sliding-window attention of window w; plus the two
+ablations the paper discusses: linear attention without the conv, and Based + a sliding-window layer (three layers).
+State bytes (fp32) at the longest test length L = 1024, summed over layers: Based d*E + E (E = 1 + f + f(f+1)/2);
+attention 2*d*L; window 2*d*w; conv 3*d.
 
-Training: AdamW (weight decay 0.1), cosine schedule, batch 256, the best of the learning rates per
-configuration, up to the epoch budget with an early stop once validation accuracy passes 0.99; fp32 weights, bf16
-autocast on a GPU. The reduced sweep: five configurations, learning rates 1e-3, 3.2e-3 and 1e-2, 16 epochs of the
-papers' data. Each (configuration, learning rate) runs as its own job, `--workers` of them at once on the one
-device, a line and a progress bar (tqdm, when installed) as each finishes. Output: a table (model, config, state
-bytes, best lr, accuracy per test slice, mean, the paper's mean where it has the point, the difference), Based
-minus the sliding window at every pair of states within 2x of each other, `--out` JSON and `--plot` PNG of mean
-accuracy against state bytes (log x), one line per model family with the paper's points beside it.
+Training: AdamW (weight decay 0.1), cosine schedule, batch 256, the best of the learning rates per configuration, up
+to the epoch budget with an early stop once validation accuracy passes 0.99; fp32 weights, bf16 autocast on a GPU
+(`--dtype float32`: fp32 throughout, as the papers train). The reduced sweep: five configurations, learning rates
+1e-3, 3.2e-3 and 1e-2, 16 epochs of the papers' data. Each (configuration, learning rate) runs as its own job,
+`--workers` of them at once on the one device, a line and a progress bar (tqdm, when installed) as each finishes.
+Output: a table (model, config, state bytes, best lr, accuracy per test slice, mean, the paper's mean where it has
+the point, the difference), Based minus the sliding window at every pair of states within 2x of each other, `--out`
+JSON and `--plot` PNG of mean accuracy against state bytes (log x), one line per model family with the paper's
+points beside it.
 """
 from __future__ import annotations
 
@@ -103,7 +104,8 @@ class ModelSpec:
     def state_bytes(self) -> int:
         d, f = self.d_model, self.feature_dim
         E = 1 + f + f * (f + 1) // 2
-        per_layer = {"conv": 3 * d, "linear": d * E + E, "attention": 2 * d * TEST_LENGTH, "window": 2 * d * self.window}
+        per_layer = {"conv": 3 * d, "linear": d * E + E, "attention": 2 * d * TEST_LENGTH,
+                     "window": 2 * d * self.window}
         return 4 * sum(per_layer[layer] for layer in self.layers())
 
 
@@ -159,21 +161,21 @@ class RecallModel(nn.Module):
 
 # ---- training ------------------------------------------------------------------------------------------------
 
-def mixed_precision(device: torch.device):
-    """bf16 autocast on a GPU (the tensor cores, and the Hopper linear-attention kernels, take bf16), fp32 on
-    CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+def mixed_precision(device: torch.device, dtype: str):
+    """Autocast to `dtype` (`--dtype`: bf16 on a GPU by default, where the tensor cores and the Hopper
+    linear-attention kernels take it), or plain fp32."""
+    return contextlib.nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 @torch.no_grad()
-def accuracy(model, inputs, targets, batch_size: int) -> float:
+def accuracy(model, inputs, targets, batch_size: int, dtype: str) -> float:
     """Mean over examples of the fraction of labelled positions predicted right."""
     scores = []
     for i in range(0, len(inputs), batch_size):
         x, y = inputs[i:i + batch_size], targets[i:i + batch_size]
         labelled = y != -100
         where = labelled.nonzero(as_tuple=True)
-        with mixed_precision(x.device):
+        with mixed_precision(x.device, dtype):
             hit = torch.zeros_like(labelled)
             hit[where] = model(x, where).argmax(-1) == y[where]
         scores.append(hit.sum(1) / labelled.sum(1))
@@ -199,7 +201,7 @@ def train_one(spec: ModelSpec, lr: float, train_sets, val_sets, args, device) ->
         model.train()
         for j in torch.randperm(len(batches), generator=order).tolist():
             x, where, labels = batches[j]
-            with mixed_precision(device):
+            with mixed_precision(device, args.dtype):
                 logits = model(x, where)
             loss = F.cross_entropy(logits.float(), labels)
             loss.backward()
@@ -207,7 +209,7 @@ def train_one(spec: ModelSpec, lr: float, train_sets, val_sets, args, device) ->
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         model.eval()
-        score = sum(accuracy(model, x, y, args.batch_size) for x, y in val_sets) / len(val_sets)
+        score = sum(accuracy(model, x, y, args.batch_size, args.dtype) for x, y in val_sets) / len(val_sets)
         if score > best:
             best, best_state = score, {k: v.clone() for k, v in model.state_dict().items()}
         if score > 0.99:
@@ -225,7 +227,8 @@ def run_job(job) -> dict:
     train_sets = [(x.to(device), y.to(device)) for x, y in train_sets]
     test_sets = {key: (x.to(device), y.to(device)) for key, (x, y) in test_sets.items()}
     val, model = train_one(spec, lr, train_sets, list(test_sets.values()), args, device)
-    test = {f"L{L} kv{kv}": round(accuracy(model, x, y, args.batch_size), 4) for (L, kv), (x, y) in test_sets.items()}
+    test = {f"L{L} kv{kv}": round(accuracy(model, x, y, args.batch_size, args.dtype), 4)
+            for (L, kv), (x, y) in test_sets.items()}
     return {"spec": spec, "lr": lr, "val": val, "test": test, "seconds": time.perf_counter() - started}
 
 
@@ -270,6 +273,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                        help="compute dtype: bf16 autocast (default on GPUs) or fp32 throughout (default on CPU, and "
+                        "the papers'); weights stay fp32")
     parser.add_argument("--workers", type=int, default=None,
                         help="jobs run at once, each its own process on the device (default: on a GPU one per job, up to "
                         "the CPU count; 1 on CPU)")
@@ -277,6 +283,7 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", help="save a PNG of mean accuracy against state bytes (needs matplotlib)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     if args.smoke:
         train_mix, test_mix, lrs = [(16, 2, 64)], [(16, 2), (32, 4)], [3e-3]
     elif args.full:
@@ -320,7 +327,8 @@ def main(argv=None) -> int:
         print(line)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": str(device), "torch": torch.__version__, "results": rows}, f, indent=2)
+            json.dump({"device": str(device), "dtype": args.dtype, "torch": torch.__version__, "results": rows}, f,
+                      indent=2)
     if args.plot:
         plot(rows, args.plot)
     return 0

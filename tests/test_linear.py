@@ -228,7 +228,8 @@ def test_autocast_casts_as_f_linear_does(with_norm, with_residual):
     """Under torch.autocast the fp32 weights (and x, without a norm) enter the product in the autocast dtype, so
     modules built on `linear` run there as `nn.Linear` does; with a residual the result keeps its fp32."""
     gen = torch.Generator().manual_seed(0)
-    x, weight, bias = torch.randn(3, 5, 16, generator=gen), torch.randn(24, 16, generator=gen), torch.randn(24, generator=gen)
+    x, weight = torch.randn(3, 5, 16, generator=gen), torch.randn(24, 16, generator=gen)
+    bias = torch.randn(24, generator=gen)
     norm = dict(norm_weight=1 + torch.rand(16, generator=gen)) if with_norm else {}
     residual = torch.randn(3, 5, 24, generator=gen) if with_residual else None
     with torch.autocast("cpu", dtype=torch.bfloat16):

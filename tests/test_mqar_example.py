@@ -59,7 +59,7 @@ def test_the_head_at_the_labelled_positions_gives_the_full_loss():
     torch.testing.assert_close(torch.nn.functional.cross_entropy(model(x, where), y[where]), full)
     hits = (model(x).argmax(-1) == y) & (y != -100)
     expected = float((hits.sum(1) / (y != -100).sum(1)).mean())
-    assert mqar.accuracy(model, x, y, batch_size=4) == expected
+    assert mqar.accuracy(model, x, y, batch_size=4, dtype="float32") == expected
 
 
 def test_based_is_compared_with_windows_of_comparable_state():

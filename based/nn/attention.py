@@ -17,9 +17,11 @@ from based.nn.rotary import rotated_qkv
 
 class RotaryAttention(nn.Module):
     """Multi-head attention with RoPE on the full head dim (non-interleaved), softmax scale `1/sqrt(head_dim)`,
-    no biases. `rotary_base=None` leaves q and k unrotated: attention without positions, which then come only from
-    the layers around it (the Zoology / BASED papers' recall models, whose convolutions supply them). Parameters: `Wqkv` `[3*d_model, d_model]` (rows: q | k | v) and `out_proj` `[d_model, d_model]`,
+    no biases. Parameters: `Wqkv` `[3*d_model, d_model]` (rows: q | k | v) and `out_proj` `[d_model, d_model]`,
     the released names. A mixer in the sense of `based.nn.mixer`.
+
+    `rotary_base=None` leaves q and k unrotated: attention without positions, which then come only from the
+    layers around it (the Zoology / BASED papers' recall models, whose convolutions supply them).
 
     A subclass sets `cache_type` (a NamedTuple whose last two fields are `position`, the 0-dim int64 device
     tensor holding the absolute position of the next token, and `advance`, whether the layer advances it) and
