@@ -5,11 +5,11 @@
     python examples/mqar.py --smoke          # a few steps on tiny data (what CI runs on CPU)
 
 The task, as the Zoology and BASED papers define it: a sequence starts with kv key-value pairs `k1 v1 k2 v2 ...`
-(keys drawn without replacement from [1, 4096), values from [4096, 8192)); later, each key appears once more as
-a query at one of the even slots of the rest of the sequence (slot i chosen with probability proportional to
-a * i^(a - 1), a = 0.01: queries cluster early), and the model must emit its value next. Only those positions
-carry a label; every other position holds a uniformly random token. Accuracy is per example over its labelled
-positions, then averaged.
+(keys and values each drawn without replacement, keys from [1, 4096), values from [4096, 8192)); later, each key
+appears once more as a query at one of the even slots of the rest of the sequence (slot i chosen with probability
+proportional to a * i^(a - 1), a = 0.01: queries cluster early), and the model must emit its value next. Only those
+positions carry a label; every other position holds a uniformly random token. Accuracy is per example over its
+labelled positions, then averaged.
 
 Models (two layers, pre-norm residual, no MLP, LM head tied to the embedding, no positional encoding): a BaseConv
 (kernel 3) then the mixer: Based's Taylor linear attention (1 head, feature dim f), full softmax attention (a
@@ -67,15 +67,14 @@ def mqar(n: int, length: int, kv: int, generator: torch.Generator) -> tuple[torc
 def _mqar_chunk(n: int, length: int, kv: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     seq = torch.randint(0, VOCAB, (n, length + 1), generator=generator)
     keys = torch.argsort(torch.rand(n, KEYS_END - 1, generator=generator), dim=1)[:, :kv] + 1
-    values = torch.randint(KEYS_END, VOCAB, (n, kv), generator=generator)
+    values = torch.argsort(torch.rand(n, VOCAB - KEYS_END, generator=generator), dim=1)[:, :kv] + KEYS_END
     seq[:, 0:2 * kv:2], seq[:, 1:2 * kv:2] = keys, values
     # Query slots: the even positions after the pairs, slot i (1-based) weighted a * i^(a - 1).
     slots = (length + 1 - 2 * kv) // 2
     weights = POWER_A * torch.arange(1, slots + 1, dtype=torch.float64) ** (POWER_A - 1)
     chosen = torch.multinomial(weights.expand(n, slots), kv, replacement=False, generator=generator)
-    query_pos = 2 * kv + 2 * chosen  # where each key is asked; its value follows
-    seq.scatter_(1, query_pos, keys)
-    seq.scatter_(1, query_pos + 1, values)
+    query_pos = 2 * kv + 2 * chosen  # where each key is asked; the value is only the label (the input there is
+    seq.scatter_(1, query_pos, keys)  # random), so the query region holds no key-value pair to copy from
     targets = torch.full_like(seq, -100)
     targets.scatter_(1, query_pos + 1, values)
     return seq[:, :-1], targets[:, 1:]

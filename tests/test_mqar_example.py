@@ -18,6 +18,7 @@ def test_data_matches_the_definition():
     for i in range(50):
         keys, values = x[i, 0:16:2], x[i, 1:16:2]
         assert len(set(keys.tolist())) == 8 and int(keys.min()) >= 1 and int(keys.max()) < mqar.KEYS_END
+        assert len(set(values.tolist())) == 8
         assert int(values.min()) >= mqar.KEYS_END and int(values.max()) < mqar.VOCAB
         asked = (y[i] != -100).nonzero().flatten()
         # every key is asked exactly once, at an even offset after the pairs, and the label is its value
@@ -25,6 +26,9 @@ def test_data_matches_the_definition():
         assert all(int(p) >= 16 and (int(p) - 16) % 2 == 0 for p in asked)
         pairs = dict(zip(keys.tolist(), values.tolist()))
         assert all(pairs[int(x[i, p])] == int(y[i, p]) for p in asked)
+    # the value is only a label: the input after a query is random (it equals the value by chance, 1 in 8192)
+    asked = (y != -100).nonzero(as_tuple=True)
+    assert float((x[asked[0], asked[1] + 1] == y[asked]).float().mean()) < 0.01
 
 
 def test_queries_cluster_early():
