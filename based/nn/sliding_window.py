@@ -33,8 +33,7 @@ class SlidingWindowAttention(RotaryAttention):
     """Causal softmax attention where each token sees itself and the `window - 1` tokens before it.
 
     A `RotaryAttention` (projections, RoPE base 10000 by default or none with `rotary_base=None`, parameter
-    names). The released configs'
-    flash-attn `window_size` w is `window = w // 2 + 1` here (129 for w = 256).
+    names). The released configs' flash-attn `window_size` w is `window = w // 2 + 1` here (129 for w = 256).
 
     Decoding: `layer.new_cache(batch_size)` holds `window` positions whatever the sequence length, so decoding
     may run on for any number of tokens.
@@ -42,8 +41,8 @@ class SlidingWindowAttention(RotaryAttention):
 
     cache_type = SlidingWindowCache
 
-    def __init__(self, d_model: int, *, num_heads: int = 16, window: int = 129, rotary_base: float | None = 10000.0,
-                 device=None, dtype=None):
+    def __init__(self, d_model: int, *, num_heads: int = 16, window: int = 129,
+                 rotary_base: float | None = 10000.0, device=None, dtype=None):
         super().__init__(d_model, num_heads=num_heads, rotary_base=rotary_base, device=device, dtype=dtype)
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an int >= 1, got {window!r}")
