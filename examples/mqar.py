@@ -22,11 +22,11 @@ Training: AdamW (weight decay 0.1), cosine schedule, batch 256, the best of the 
 to the epoch budget with an early stop once validation accuracy passes 0.99; fp32 weights, bf16 autocast on a GPU
 (`--dtype float32`: fp32 throughout, as the papers train). The reduced sweep: five configurations, learning rates
 1e-3, 3.2e-3 and 1e-2, 16 epochs of the papers' data. Each (configuration, learning rate) runs as its own job,
-`--workers` of them at once on the one device, a line and a progress bar (tqdm, when installed) as each finishes.
-Output: a table (model, config, state bytes, best lr, accuracy per test slice, mean, the paper's mean where it has
-the point, the difference), Based minus the sliding window at every pair of states within 2x of each other, `--out`
-JSON and `--plot` PNG of mean accuracy against state bytes (log x), one line per model family with the paper's
-points beside it.
+`--workers` of them at once on the one device, a line (validation accuracy after each epoch) and a progress bar
+(tqdm, when installed) as each finishes. Output: a table (model, config, state bytes, best lr, accuracy per test
+slice, mean, the paper's mean where it has the point, the difference), Based minus the sliding window at every pair
+of states within 2x of each other, `--out` JSON and `--plot` PNG of mean accuracy against state bytes (log x), one
+line per model family with the paper's points beside it.
 """
 from __future__ import annotations
 
@@ -181,8 +181,8 @@ def accuracy(model, inputs, targets, batch_size: int, dtype: str) -> float:
     return float(torch.cat(scores).mean())
 
 
-def train_one(spec: ModelSpec, lr: float, train_sets, val_sets, args, device) -> tuple[float, RecallModel]:
-    """(best validation accuracy, the model at its best) for one configuration and learning rate."""
+def train_one(spec: ModelSpec, lr: float, train_sets, val_sets, args, device) -> tuple[list[float], RecallModel]:
+    """(validation accuracy after each epoch, the model at its best) for one configuration and learning rate."""
     torch.manual_seed(args.seed)
     model = RecallModel(spec).to(device)
     # Each batch with its labelled positions (indices found once here, not in every step) and their labels.
@@ -195,7 +195,7 @@ def train_one(spec: ModelSpec, lr: float, train_sets, val_sets, args, device) ->
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
     order = torch.Generator().manual_seed(args.seed)
-    best, best_state = -1.0, None
+    history, best_state = [], None
     for _ in range(args.epochs):
         model.train()
         for j in torch.randperm(len(batches), generator=order).tolist():
@@ -209,12 +209,13 @@ def train_one(spec: ModelSpec, lr: float, train_sets, val_sets, args, device) ->
             optimizer.zero_grad(set_to_none=True)
         model.eval()
         score = sum(accuracy(model, x, y, args.batch_size, args.dtype) for x, y in val_sets) / len(val_sets)
-        if score > best:
-            best, best_state = score, {k: v.clone() for k, v in model.state_dict().items()}
+        if score > max(history, default=-1.0):
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        history.append(score)
         if score > 0.99:
             break
     model.load_state_dict(best_state)
-    return best, model
+    return history, model
 
 
 def run_job(job) -> dict:
@@ -225,10 +226,11 @@ def run_job(job) -> dict:
     started = time.perf_counter()
     train_sets = [(x.to(device), y.to(device)) for x, y in train_sets]
     test_sets = {key: (x.to(device), y.to(device)) for key, (x, y) in test_sets.items()}
-    val, model = train_one(spec, lr, train_sets, list(test_sets.values()), args, device)
+    history, model = train_one(spec, lr, train_sets, list(test_sets.values()), args, device)
     test = {f"L{L} kv{kv}": round(accuracy(model, x, y, args.batch_size, args.dtype), 4)
             for (L, kv), (x, y) in test_sets.items()}
-    return {"spec": spec, "lr": lr, "val": val, "test": test, "seconds": time.perf_counter() - started}
+    return {"spec": spec, "lr": lr, "val": max(history), "history": [round(h, 4) for h in history], "test": test,
+            "seconds": time.perf_counter() - started}
 
 
 def with_progress(results, total: int):
@@ -240,8 +242,9 @@ def with_progress(results, total: int):
     bar = tqdm(total=total, desc="jobs", unit="job") if tqdm else None
     write = bar.write if bar else print
     for result in results:
-        write(f"done: {result['spec'].name} lr {result['lr']:g}: validation {result['val']:.3f} "
-              f"({result['seconds']:.0f} s)")
+        by_epoch = " ".join(f"{h:.2f}" for h in result["history"])
+        write(f"done: {result['spec'].family} {result['spec'].name} lr {result['lr']:g}: validation "
+              f"{result['val']:.3f} ({result['seconds']:.0f} s; by epoch {by_epoch})")
         if bar:
             bar.update()
         yield result
@@ -276,8 +279,8 @@ def main(argv=None) -> int:
                         help="compute dtype: bf16 autocast (default on GPUs) or fp32 throughout (default on CPU, and "
                         "the papers'); weights stay fp32")
     parser.add_argument("--workers", type=int, default=None,
-                        help="jobs run at once, each its own process on the device (default: on a GPU one per job, up to "
-                        "the CPU count; 1 on CPU)")
+                        help="jobs run at once, each its own process on the device (default: on a GPU one per job, "
+                        "up to the CPU count; 1 on CPU)")
     parser.add_argument("--out", help="write the results to this .json file")
     parser.add_argument("--plot", help="save a PNG of mean accuracy against state bytes (needs matplotlib)")
     args = parser.parse_args(argv)
@@ -326,8 +329,10 @@ def main(argv=None) -> int:
         print(line)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": str(device), "dtype": args.dtype, "torch": torch.__version__, "results": rows}, f,
-                      indent=2)
+            jobs_run = [{"model": r["spec"].family, "config": r["spec"].name, "lr": r["lr"],
+                         "seconds": round(r["seconds"]), "validation by epoch": r["history"]} for r in results]
+            json.dump({"device": str(device), "dtype": args.dtype, "torch": torch.__version__, "results": rows,
+                       "jobs": jobs_run}, f, indent=2)
     if args.plot:
         plot(rows, args.plot)
     return 0
@@ -341,8 +346,9 @@ def based_against_window(rows: list[dict]) -> list[str]:
         for window in (r for r in rows if r["model"] == "sliding window"):
             states = based["state_bytes"], window["state_bytes"]
             if max(states) <= 2 * min(states):
+                gap = based["mean"] - window["mean"]
                 lines.append(f"based {based['config']} ({based['state_bytes']:,d} B) - sliding window "
-                             f"{window['config']} ({window['state_bytes']:,d} B): {based['mean'] - window['mean']:+.3f}")
+                             f"{window['config']} ({window['state_bytes']:,d} B): {gap:+.3f}")
     return lines
 
 

@@ -86,3 +86,5 @@ def test_smoke_sweep_runs_its_jobs_in_two_processes(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [r["model"] for r in rows] == ["based", "sliding window"]
     assert all(0.0 <= r["mean"] <= 1.0 and r["state_bytes"] > 0 and r["published"] == "" for r in rows)
+    jobs = json.loads(out.read_text())["jobs"]  # every job's validation accuracy after each epoch
+    assert len(jobs) == 2 and all(len(j["validation by epoch"]) == 1 for j in jobs)
