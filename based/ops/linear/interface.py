@@ -47,11 +47,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     (programmatic dependent launch) and reads its weight tiles before that kernel ends: a weight written
     earlier in the same graph would be read stale. Write weights between replays.
     """
-    if isinstance(x, torch.Tensor):
-        # With a norm, x is the residual stream and keeps its dtype: the norm runs in fp32 and rounds its output
-        # to the weight's dtype, as autocast's fp32 norm followed by a bf16 matrix product would.
-        weight, bias, norm_weight = autocast_cast(x.device, weight, bias, norm_weight)
-        x, = (x,) if norm_weight is not None else autocast_cast(x.device, x)
+    x, norm_weight, (weight, bias) = _under_autocast(x, norm_weight, weight, bias)
     check_linear_input(x, weight, norm_weight, norm_eps)
     if not isinstance(gated, bool):
         raise TypeError(f"gated must be a bool, got {type(gated).__name__}")
@@ -88,9 +84,7 @@ def stacked_linear(x: torch.Tensor, weights, *, norm_weight: torch.Tensor | None
     """
     if not isinstance(weights, (list, tuple)) or not 1 <= len(weights) <= 3:
         raise TypeError(f"weights must be a list or tuple of one to three matrices, got {weights!r:.80}")
-    if isinstance(x, torch.Tensor):  # autocast as in `linear`
-        *weights, norm_weight = autocast_cast(x.device, *weights, norm_weight)
-        x, = (x,) if norm_weight is not None else autocast_cast(x.device, x)
+    x, norm_weight, weights = _under_autocast(x, norm_weight, *weights)
     for weight in weights:
         check_linear_input(x, weight, norm_weight, norm_eps)
         if weight.dtype != weights[0].dtype:
@@ -100,6 +94,19 @@ def stacked_linear(x: torch.Tensor, weights, *, norm_weight: torch.Tensor | None
         backend = "torch"
     impl = resolve_backend("stacked_linear", backend, x.device, _implementations(stacked=True))
     return impl(x, tuple(weights), norm_weight, float(norm_eps))
+
+
+def _under_autocast(x, norm_weight, *weights):
+    """(x, norm_weight, weights) as the product sees them under `torch.autocast`: the weights (bias included) and
+    the norm weight in the autocast dtype; x too without a norm. With a norm, x is the residual stream and keeps its
+    dtype: the norm runs in fp32 and rounds its output to the weight's dtype, as autocast's fp32 norm followed by a
+    bf16 matrix product would. A non-tensor x is left to the checks."""
+    if not isinstance(x, torch.Tensor):
+        return x, norm_weight, weights
+    *weights, norm_weight = autocast_cast(x.device, *weights, norm_weight)
+    if norm_weight is None:
+        x, = autocast_cast(x.device, x)
+    return x, norm_weight, tuple(weights)
 
 
 def check_linear_input(x, weight, norm_weight, norm_eps) -> None:
