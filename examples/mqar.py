@@ -11,23 +11,24 @@ proportional to a * i^(a - 1), a = 0.01: queries cluster early), and the model m
 positions carry a label; every other position holds a uniformly random token. Accuracy is per example over its
 labelled positions, then averaged.
 
-Models (two layers, pre-norm residual with LayerNorm, no MLP, LM head tied to the embedding, no positional encoding): a BaseConv
-(kernel 3) then the mixer: Based's Taylor linear attention (1 head, feature dim f), full softmax attention (a
-sliding window as long as the longest test sequence), or sliding-window attention of window w; plus the two
-ablations the paper discusses: linear attention without the conv, and Based + a sliding-window layer (three layers).
-State bytes (fp32) at the longest test length L = 1024, summed over layers: Based d*E + E (E = 1 + f + f(f+1)/2);
-attention 2*d*L; window 2*d*w; conv 3*d.
+Models (two layers, pre-norm residual with LayerNorm, no MLP, LM head tied to the embedding, no positional
+encoding): a BaseConv (kernel 3) then the mixer: Based's Taylor linear attention (1 head, feature dim f), full
+softmax attention (a sliding window as long as the longest test sequence), or sliding-window attention of window w;
+plus the two ablations the paper discusses: linear attention without the conv, and Based + a sliding-window layer
+(three layers). State bytes (fp32) at the longest test length L = 1024, summed over layers: Based d*E + E
+(E = 1 + f + f(f+1)/2); attention 2*d*L; window 2*d*w; conv 3*d.
 
 Training, as the papers': batch 256, the training segments in the same order every epoch (unshuffled, so each
 epoch ends on the most pairs), AdamW (weight decay 0.1), a cosine schedule over 32 epochs stepped once per epoch,
 the best of the learning rates per configuration, an early stop once validation accuracy passes 0.99; fp32 weights,
 bf16 autocast on a GPU (`--dtype float32`: fp32 throughout, as the papers train). The reduced sweep: five
-configurations, learning rates 1e-3, 3.2e-3 and 1e-2, the first 16 of the 32 epochs (the rate ends at half its peak). Each (configuration, learning rate) runs as its own job,
-`--workers` of them at once on the one device, a line (validation accuracy after each epoch) and a progress bar
-(tqdm, when installed) as each finishes. Output: a table (model, config, state bytes, best lr, accuracy per test
-slice, mean, the paper's mean where it has the point, the difference), Based minus the sliding window at every pair
-of states within 2x of each other, `--out` JSON and `--plot` PNG of mean accuracy against state bytes (log x), one
-line per model family with the paper's points beside it.
+configurations, learning rates 1e-3, 3.2e-3 and 1e-2, the first 16 of the 32 epochs (the rate ends at half its
+peak). Each (configuration, learning rate) runs as its own job, `--workers` of them at once on the one device, a
+line (validation accuracy after each epoch) and a progress bar (tqdm, when installed) as each finishes. Output: a
+table (model, config, state bytes, best lr, accuracy per test slice, mean, the paper's mean where it has the point,
+the difference), Based minus the sliding window at every pair of states within 2x of each other, `--out` JSON and
+`--plot` PNG of mean accuracy against state bytes (log x), one line per model family with the paper's points
+beside it.
 """
 from __future__ import annotations
 
@@ -75,8 +76,10 @@ def _mqar_chunk(n: int, length: int, kv: int, generator: torch.Generator) -> tup
     slots = (length + 1 - 2 * kv) // 2
     weights = POWER_A * torch.arange(1, slots + 1, dtype=torch.float64) ** (POWER_A - 1)
     chosen = torch.multinomial(weights.expand(n, slots), kv, replacement=False, generator=generator)
-    query_pos = 2 * kv + 2 * chosen  # where each key is asked; the value is only the label (the input there is
-    seq.scatter_(1, query_pos, keys)  # random), so the query region holds no key-value pair to copy from
+    # Where each key is asked. Its value is only the label (the input after the query stays random), so the query
+    # region holds no key-value pair to copy from.
+    query_pos = 2 * kv + 2 * chosen
+    seq.scatter_(1, query_pos, keys)
     targets = torch.full_like(seq, -100)
     targets.scatter_(1, query_pos + 1, values)
     return seq[:, :-1], targets[:, 1:]
@@ -120,7 +123,7 @@ PUBLISHED = {
 
 class RecallModel(nn.Module):
     """Embedding, pre-norm residual mixers (no MLP), final norm, LM head tied to the embedding, as the papers'
-    models: LayerNorm (its bias and centring matter: with RMSNorm Based d=128 recalls markedly worse, see
+    models: LayerNorm (with RMSNorm instead, Based recalls markedly worse at lengths beyond training:
     docs/MQAR.md), no positions but what the convolution gives (the attention layers are not rotated), weights
     drawn from N(0, 0.02), output projections scaled down by sqrt(2 * layers)."""
 
